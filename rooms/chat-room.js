@@ -1,0 +1,34 @@
+// The chat room. Its whole state is this array: no database, gone when the runtime is.
+// The gateway calls the top-level functions by name.
+
+const MAX_MESSAGES = 1000;
+
+const state = { messages: [], nextId: 1 };
+
+// Posting on the room's own topic reaches every Phoenix client joined to it as `new_message`.
+const channel = new BroadcastChannel("room:" + Room.id);
+
+function sendMessage(sender, text) {
+  const message = {
+    id: state.nextId++,
+    sender: String(sender),
+    text: String(text),
+    timestamp: Date.now(),
+  };
+  state.messages.push(message);
+  if (state.messages.length > MAX_MESSAGES) {
+    state.messages.splice(0, state.messages.length - MAX_MESSAGES);
+  }
+  channel.postMessage(message);
+  return message;
+}
+
+function getHistory(limit) {
+  const wanted = limit === undefined ? MAX_MESSAGES : Math.floor(Number(limit));
+  const n = Number.isFinite(wanted) ? Math.max(0, Math.min(wanted, MAX_MESSAGES)) : MAX_MESSAGES;
+  return n === 0 ? [] : state.messages.slice(-n);
+}
+
+function getState() {
+  return { messageCount: state.messages.length };
+}

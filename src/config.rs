@@ -1,0 +1,190 @@
+//! Gateway configuration: every limit of design §6 is a flag with an environment variable.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::ipc::RuntimeLimits;
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "gateway", version, about = "roomvisor gateway: every chat room a JavaScript runtime in its own process")]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "ROOMVISOR_BIND", default_value = "127.0.0.1")]
+    pub bind: IpAddr,
+
+    /// Port to listen on; 0 picks a free one (the chosen address is printed on stdout).
+    #[arg(long, env = "PORT", default_value_t = 4000)]
+    pub port: u16,
+
+    /// The room script every room runs. Read again at each room start.
+    #[arg(long, env = "ROOMVISOR_ROOM_SCRIPT", default_value = DEFAULT_ROOM_SCRIPT)]
+    pub room_script: PathBuf,
+
+    /// The room-worker executable. Default: `room-worker` beside the gateway, else the
+    /// gateway itself in worker mode.
+    #[arg(long, env = "ROOMVISOR_WORKER_BIN")]
+    pub worker_bin: Option<PathBuf>,
+
+    /// Largest WebSocket message accepted; larger ones close the socket with 1009.
+    #[arg(long, env = "ROOMVISOR_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    pub max_frame_bytes: usize,
+
+    /// Longest sender name, in characters.
+    #[arg(long, env = "ROOMVISOR_MAX_SENDER_CHARS", default_value_t = 64)]
+    pub max_sender_chars: usize,
+
+    /// Longest message text, in characters.
+    #[arg(long, env = "ROOMVISOR_MAX_TEXT_CHARS", default_value_t = 4000)]
+    pub max_text_chars: usize,
+
+    /// Most rooms live at once.
+    #[arg(long, env = "ROOMVISOR_MAX_ROOMS", default_value_t = 1024)]
+    pub max_rooms: usize,
+
+    /// Most channels one socket may have joined.
+    #[arg(long, env = "ROOMVISOR_MAX_CHANNELS_PER_SOCKET", default_value_t = 100)]
+    pub max_channels_per_socket: usize,
+
+    /// Sustained inbound frames per second per socket.
+    #[arg(long, env = "ROOMVISOR_RATE_PER_SEC", default_value_t = 50)]
+    pub rate_per_sec: u32,
+
+    /// Inbound frames a socket may send in a burst above the sustained rate.
+    #[arg(long, env = "ROOMVISOR_RATE_BURST", default_value_t = 100)]
+    pub rate_burst: u32,
+
+    /// Frames queued for one socket before it counts as too slow and is disconnected.
+    #[arg(long, env = "ROOMVISOR_OUTBOUND_QUEUE", default_value_t = 1024)]
+    pub outbound_queue: usize,
+
+    /// Largest IPC frame from a worker; larger is a protocol violation.
+    #[arg(long, env = "ROOMVISOR_MAX_IPC_FRAME_BYTES", default_value_t = crate::ipc::DEFAULT_MAX_FRAME_BYTES)]
+    pub max_ipc_frame_bytes: usize,
+
+    /// Origins allowed to open a WebSocket besides the request's own host (repeatable).
+    #[arg(long = "allowed-origin", env = "ROOMVISOR_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// A caller waits this long for a room's answer before getting `timeout`.
+    #[arg(long, env = "ROOMVISOR_CALL_TIMEOUT_MS", default_value_t = 5_000)]
+    pub call_timeout_ms: u64,
+
+    /// A worker that leaves a call unanswered this long is killed as unresponsive.
+    #[arg(long, env = "ROOMVISOR_HARD_TIMEOUT_MS", default_value_t = 10_000)]
+    pub hard_timeout_ms: u64,
+
+    /// JS heap per room.
+    #[arg(long, env = "ROOMVISOR_JS_HEAP_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub js_heap_bytes: u64,
+
+    /// CPU time one call (or timer, or delivery) may use before it is interrupted.
+    #[arg(long, env = "ROOMVISOR_JS_CPU_MS", default_value_t = 1_000)]
+    pub js_cpu_ms: u64,
+
+    /// A room whose worker dies more than this many times within the window is cooled down.
+    #[arg(long, env = "ROOMVISOR_CRASH_LIMIT", default_value_t = 5)]
+    pub crash_limit: usize,
+
+    #[arg(long, env = "ROOMVISOR_CRASH_WINDOW_MS", default_value_t = 10_000)]
+    pub crash_window_ms: u64,
+
+    /// How long a crash-looping room is refused.
+    #[arg(long, env = "ROOMVISOR_CRASH_COOLDOWN_MS", default_value_t = 10_000)]
+    pub crash_cooldown_ms: u64,
+
+    /// Messages a join returns.
+    #[arg(long, env = "ROOMVISOR_HISTORY_ON_JOIN", default_value_t = 100)]
+    pub history_on_join: usize,
+
+    /// A socket that sends nothing (not even a heartbeat) this long is closed.
+    #[arg(long, env = "ROOMVISOR_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub idle_timeout_ms: u64,
+
+    /// On SIGTERM/SIGINT, workers get this long to exit before they are killed.
+    #[arg(long, env = "ROOMVISOR_SHUTDOWN_GRACE_MS", default_value_t = 5_000)]
+    pub shutdown_grace_ms: u64,
+}
+
+pub const DEFAULT_ROOM_SCRIPT: &str = "rooms/chat-room.js";
+/// The chat script, built in so that the default works from any directory.
+pub const BUILTIN_CHAT_SCRIPT: &str = include_str!("../rooms/chat-room.js");
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::parse_from(["gateway"])
+    }
+}
+
+impl Config {
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.call_timeout_ms)
+    }
+
+    pub fn hard_timeout(&self) -> Duration {
+        Duration::from_millis(self.hard_timeout_ms)
+    }
+
+    pub fn crash_window(&self) -> Duration {
+        Duration::from_millis(self.crash_window_ms)
+    }
+
+    pub fn crash_cooldown(&self) -> Duration {
+        Duration::from_millis(self.crash_cooldown_ms)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    pub fn runtime_limits(&self) -> RuntimeLimits {
+        RuntimeLimits {
+            heap_bytes: self.js_heap_bytes,
+            cpu_ms_per_call: self.js_cpu_ms,
+            max_frame_bytes: self.max_ipc_frame_bytes as u64,
+        }
+    }
+
+    /// The room script's name (for stack traces) and source. The default path falls back to
+    /// the built-in copy, so `cargo run` works from any directory.
+    pub fn load_room_script(&self) -> std::io::Result<(String, String)> {
+        let name = self
+            .room_script
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "room.js".to_owned());
+        match std::fs::read_to_string(&self.room_script) {
+            Ok(source) => Ok((name, source)),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && self.room_script.as_os_str() == DEFAULT_ROOM_SCRIPT =>
+            {
+                Ok((name, BUILTIN_CHAT_SCRIPT.to_owned()))
+            }
+            Err(e) => Err(std::io::Error::new(
+                e.kind(),
+                format!("cannot read room script {}: {e}", self.room_script.display()),
+            )),
+        }
+    }
+
+    /// Where the worker executable is, and the argv[0] to start it with.
+    pub fn worker_command(&self) -> std::io::Result<(PathBuf, &'static str)> {
+        if let Some(path) = &self.worker_bin {
+            return Ok((path.clone(), crate::worker::WORKER_ARGV0));
+        }
+        let me = std::env::current_exe()?;
+        let sibling = me.with_file_name(crate::worker::WORKER_ARGV0);
+        if sibling.is_file() {
+            Ok((sibling, crate::worker::WORKER_ARGV0))
+        } else {
+            Ok((me, crate::worker::WORKER_ARGV0))
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! The JavaScript engine behind a room: QuickJS through `rquickjs`.
+//!
+//! This is the only module that knows which engine runs the room script. The rest of the
+//! worker talks to [`Engine`] and implements [`Host`]; a V8 backend would be a second
+//! implementation of this module's API, reusing `prelude.js` unchanged.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rquickjs::context::EvalOptions;
+use rquickjs::{CatchResultExt, CaughtError, Context, Ctx, Function, Object, Persistent, Runtime};
+
+use crate::ipc::{LogLevel, RuntimeLimits, ScriptError, ScriptErrorKind};
+
+const PRELUDE: &str = include_str!("prelude.js");
+/// Deep recursion must end in a RangeError, not a segfault of the worker's 8 MiB main stack.
+const MAX_JS_STACK_BYTES: usize = 1024 * 1024;
+
+/// What a runtime needs from the process around it.
+pub trait Host {
+    /// `Beam.callSync`: blocks until the gateway answers. `Ok` holds JSON.
+    fn host_call_sync(&self, name: &str, args_json: &str) -> Result<String, String>;
+    /// `Beam.call`: returns the id that a later [`Engine::settle_host_call`] answers.
+    fn host_call_async(&self, name: &str, args_json: &str) -> u64;
+    fn post(&self, channel: &str, data_json: &str);
+    fn subscribe(&self, channel: &str);
+    fn unsubscribe(&self, channel: &str);
+    fn log(&self, level: LogLevel, message: &str);
+    /// The outcome of [`Engine::call`], possibly after the call's promise settled.
+    fn reply(&self, call_id: u64, result: Result<String, ScriptError>);
+}
+
+/// CPU time (not wall time: a blocking host call costs nothing) allowed to one macrotask.
+struct CpuBudget {
+    limit: Duration,
+    deadline: Cell<Option<Duration>>,
+    exceeded: Cell<bool>,
+}
+
+impl CpuBudget {
+    fn start(&self) {
+        self.exceeded.set(false);
+        self.deadline.set(Some(thread_cpu_time() + self.limit));
+    }
+
+    fn stop(&self) {
+        self.deadline.set(None);
+    }
+
+    fn should_interrupt(&self) -> bool {
+        match self.deadline.get() {
+            Some(deadline) if thread_cpu_time() > deadline => {
+                self.exceeded.set(true);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+fn thread_cpu_time() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(Duration::from)
+        .unwrap_or_default()
+}
+
+pub struct Engine {
+    runtime: Runtime,
+    context: Context,
+    hooks: Persistent<Object<'static>>,
+    budget: Rc<CpuBudget>,
+    host: Rc<dyn Host>,
+}
+
+impl Engine {
+    /// Creates the runtime, installs the API and evaluates the room script.
+    pub fn start(
+        room_id: &str,
+        script_name: &str,
+        script: &str,
+        limits: &RuntimeLimits,
+        host: Rc<dyn Host>,
+    ) -> Result<Engine, ScriptError> {
+        let setup_error = |e: rquickjs::Error| ScriptError::exception(format!("engine setup: {e}"));
+        let runtime = Runtime::new().map_err(setup_error)?;
+        runtime.set_memory_limit(usize::try_from(limits.heap_bytes).unwrap_or(usize::MAX));
+        runtime.set_max_stack_size(MAX_JS_STACK_BYTES);
+        let budget = Rc::new(CpuBudget {
+            limit: Duration::from_millis(limits.cpu_ms_per_call),
+            deadline: Cell::new(None),
+            exceeded: Cell::new(false),
+        });
+        let interrupt_budget = budget.clone();
+        runtime.set_interrupt_handler(Some(Box::new(move || interrupt_budget.should_interrupt())));
+        let rejection_host = host.clone();
+        runtime.set_host_promise_rejection_tracker(Some(Box::new(
+            move |_ctx, _promise, reason, is_handled| {
+                if !is_handled {
+                    let message = describe_value(&reason);
+                    rejection_host.log(LogLevel::Error, &format!("unhandled promise rejection: {message}"));
+                }
+            },
+        )));
+        let context = Context::full(&runtime).map_err(setup_error)?;
+
+        budget.start();
+        let hooks = context.with(|ctx| -> Result<_, ScriptError> {
+            let natives = natives(&ctx, host.clone()).map_err(setup_error)?;
+            let install: Function = ctx
+                .eval_with_options(PRELUDE, eval_options("prelude.js", true))
+                .catch(&ctx)
+                .map_err(|e| to_script_error(e, &budget))?;
+            let hooks: Object = install
+                .call((natives, room_id))
+                .catch(&ctx)
+                .map_err(|e| to_script_error(e, &budget))?;
+            ctx.eval_with_options::<(), _>(script, eval_options(script_name, false))
+                .catch(&ctx)
+                .map_err(|e| to_script_error(e, &budget))?;
+            Ok(Persistent::save(&ctx, hooks))
+        });
+        let engine = Engine { runtime, context, hooks: hooks?, budget, host };
+        engine.run_jobs();
+        engine.budget.stop();
+        Ok(engine)
+    }
+
+    /// Invokes a top-level script function. The reply reaches the host now, or when the
+    /// returned promise settles.
+    pub fn call(&self, call_id: u64, function: &str, args_json: &str) {
+        let outcome = self.turn(|hooks| {
+            let invoke: Function = hooks.get("invoke")?;
+            invoke.call::<_, ()>((call_id as f64, function, args_json))
+        });
+        if let Err(error) = outcome {
+            self.host.reply(call_id, Err(error));
+        }
+    }
+
+    /// Hands a BroadcastChannel message from another runtime to this one's listeners.
+    pub fn deliver(&self, channel: &str, data_json: &str) {
+        if let Err(error) = self.turn(|hooks| {
+            let deliver: Function = hooks.get("deliver")?;
+            deliver.call::<_, ()>((channel, data_json))
+        }) {
+            self.log_failure(&format!("BroadcastChannel(\"{channel}\") delivery"), &error);
+        }
+    }
+
+    /// Resolves or rejects the promise of a `Beam.call`.
+    pub fn settle_host_call(&self, id: u64, result: Result<String, String>) {
+        let (ok, payload) = match result {
+            Ok(json) => (true, json),
+            Err(message) => (false, message),
+        };
+        if let Err(error) = self.turn(|hooks| {
+            let settle: Function = hooks.get("settleHostCall")?;
+            settle.call::<_, ()>((id as f64, ok, payload))
+        }) {
+            self.log_failure("Beam.call continuation", &error);
+        }
+    }
+
+    /// Runs every timer due now, each as its own macrotask with its own CPU budget.
+    pub fn run_due_timers(&self) {
+        let now = epoch_ms();
+        let id_limit = match self.turn(|hooks| {
+            let watermark: Function = hooks.get("timerWatermark")?;
+            watermark.call::<_, f64>(())
+        }) {
+            Ok(limit) => limit,
+            Err(error) => return self.log_failure("timer bookkeeping", &error),
+        };
+        loop {
+            let ran = self.turn(|hooks| {
+                let run: Function = hooks.get("runDueTimer")?;
+                run.call::<_, bool>((now, id_limit))
+            });
+            match ran {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(error) => self.log_failure("timer callback", &error),
+            }
+        }
+    }
+
+    /// When the next timer is due, if any is armed.
+    pub fn next_timer_at(&self) -> Option<Instant> {
+        let at = self
+            .context
+            .with(|ctx| -> rquickjs::Result<f64> {
+                let hooks = self.hooks.clone().restore(&ctx)?;
+                let next: Function = hooks.get("nextTimerAt")?;
+                next.call(())
+            })
+            .unwrap_or(-1.0);
+        if at < 0.0 {
+            return None;
+        }
+        let wait_ms = (at - epoch_ms()).max(0.0);
+        Some(Instant::now() + Duration::from_secs_f64(wait_ms / 1000.0))
+    }
+
+    /// Heap in use, for the gateway's metrics.
+    pub fn heap_bytes(&self) -> i64 {
+        self.runtime.memory_usage().memory_used_size
+    }
+
+    /// One macrotask: a fresh CPU budget, the task, then the microtasks it queued.
+    fn turn<T>(
+        &self,
+        task: impl for<'js> FnOnce(Object<'js>) -> rquickjs::Result<T>,
+    ) -> Result<T, ScriptError> {
+        self.budget.start();
+        let result = self.context.with(|ctx| {
+            let hooks = self
+                .hooks
+                .clone()
+                .restore(&ctx)
+                .catch(&ctx)
+                .map_err(|e| to_script_error(e, &self.budget))?;
+            task(hooks).catch(&ctx).map_err(|e| to_script_error(e, &self.budget))
+        });
+        self.run_jobs();
+        self.budget.stop();
+        result
+    }
+
+    fn run_jobs(&self) {
+        loop {
+            match self.runtime.execute_pending_job() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(job) => {
+                    let error = job.0.with(|ctx| {
+                        let caught = ctx.catch();
+                        script_error_from_value(&caught, &self.budget)
+                    });
+                    self.log_failure("promise job", &error);
+                }
+            }
+        }
+    }
+
+    fn log_failure(&self, what: &str, error: &ScriptError) {
+        let stack = error.stack.as_deref().map(|s| format!("\n{s}")).unwrap_or_default();
+        self.host.log(LogLevel::Error, &format!("{what} failed: {}{stack}", error.message));
+    }
+}
+
+fn eval_options(filename: &str, strict: bool) -> EvalOptions {
+    let mut options = EvalOptions::default();
+    options.global = true;
+    options.strict = strict;
+    options.filename = Some(filename.to_owned());
+    options
+}
+
+fn epoch_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+/// The natives the prelude builds the script API on. They are passed to the prelude, never
+/// installed as globals.
+fn natives<'js>(ctx: &Ctx<'js>, host: Rc<dyn Host>) -> rquickjs::Result<Object<'js>> {
+    let natives = Object::new(ctx.clone())?;
+
+    let h = host.clone();
+    natives.set(
+        "hostCallSync",
+        Function::new(ctx.clone(), move |ctx: Ctx<'js>, name: String, args: String| {
+            h.host_call_sync(&name, &args)
+                .map_err(|message| rquickjs::Exception::throw_message(&ctx, &message))
+        })?,
+    )?;
+    let h = host.clone();
+    natives.set(
+        "hostCallAsync",
+        Function::new(ctx.clone(), move |name: String, args: String| {
+            h.host_call_async(&name, &args) as f64
+        })?,
+    )?;
+    let h = host.clone();
+    natives.set(
+        "post",
+        Function::new(ctx.clone(), move |channel: String, data: String| h.post(&channel, &data))?,
+    )?;
+    let h = host.clone();
+    natives.set(
+        "subscribe",
+        Function::new(ctx.clone(), move |channel: String| h.subscribe(&channel))?,
+    )?;
+    let h = host.clone();
+    natives.set(
+        "unsubscribe",
+        Function::new(ctx.clone(), move |channel: String| h.unsubscribe(&channel))?,
+    )?;
+    let h = host.clone();
+    natives.set(
+        "log",
+        Function::new(ctx.clone(), move |level: String, message: String| {
+            let level = match level.as_str() {
+                "debug" => LogLevel::Debug,
+                "warn" => LogLevel::Warn,
+                "error" => LogLevel::Error,
+                _ => LogLevel::Info,
+            };
+            h.log(level, &message)
+        })?,
+    )?;
+    let h = host.clone();
+    natives.set(
+        "replyOk",
+        Function::new(ctx.clone(), move |id: f64, json: String| h.reply(id as u64, Ok(json)))?,
+    )?;
+    let h = host;
+    natives.set(
+        "replyError",
+        Function::new(ctx.clone(), move |id: f64, message: String, stack: String| {
+            let kind = classify_message(&message);
+            let stack = (!stack.is_empty()).then_some(stack);
+            h.reply(id as u64, Err(ScriptError { kind, message, stack }))
+        })?,
+    )?;
+    Ok(natives)
+}
+
+fn classify_message(message: &str) -> ScriptErrorKind {
+    if message == "out of memory" {
+        ScriptErrorKind::OutOfMemory
+    } else {
+        ScriptErrorKind::Exception
+    }
+}
+
+fn to_script_error(error: CaughtError<'_>, budget: &CpuBudget) -> ScriptError {
+    if budget.exceeded.get() {
+        return timeout_error(budget);
+    }
+    match error {
+        CaughtError::Exception(exception) => {
+            let message = exception.message().unwrap_or_else(|| "exception".to_owned());
+            ScriptError { kind: classify_message(&message), message, stack: exception.stack() }
+        }
+        CaughtError::Value(value) => ScriptError::exception(describe_value(&value)),
+        CaughtError::Error(rquickjs::Error::Allocation) => ScriptError {
+            kind: ScriptErrorKind::OutOfMemory,
+            message: "out of memory".to_owned(),
+            stack: None,
+        },
+        CaughtError::Error(other) => ScriptError::exception(other.to_string()),
+    }
+}
+
+fn script_error_from_value(value: &rquickjs::Value<'_>, budget: &CpuBudget) -> ScriptError {
+    if budget.exceeded.get() {
+        return timeout_error(budget);
+    }
+    let message = describe_value(value);
+    let stack = value
+        .as_object()
+        .and_then(|o| rquickjs::Exception::from_object(o.clone()))
+        .and_then(|e| e.stack());
+    ScriptError { kind: classify_message(&message), message, stack }
+}
+
+fn timeout_error(budget: &CpuBudget) -> ScriptError {
+    ScriptError {
+        kind: ScriptErrorKind::Timeout,
+        message: format!("script ran past its CPU budget of {} ms", budget.limit.as_millis()),
+        stack: None,
+    }
+}
+
+fn describe_value(value: &rquickjs::Value<'_>) -> String {
+    if let Some(exception) = value
+        .as_object()
+        .and_then(|o| rquickjs::Exception::from_object(o.clone()))
+    {
+        return exception.message().unwrap_or_else(|| "exception".to_owned());
+    }
+    if let Some(s) = value.as_string().and_then(|s| s.to_string().ok()) {
+        return s;
+    }
+    value
+        .ctx()
+        .json_stringify(value.clone())
+        .ok()
+        .flatten()
+        .and_then(|s| s.to_string().ok())
+        .unwrap_or_else(|| format!("{:?}", value.type_of()))
+}

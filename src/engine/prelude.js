@@ -1,0 +1,280 @@
+// The room script API (design §5), built on a handful of natives. Evaluated before the room
+// script as a function expression: it installs the globals and returns the hooks the Rust
+// event loop drives. Nothing here is engine-specific, so a V8 backend can reuse it unchanged.
+(function (native, roomId) {
+  "use strict";
+
+  const toJson = (value) => {
+    const json = JSON.stringify(value);
+    return json === undefined ? "null" : json;
+  };
+
+  const describe = (err) => {
+    if (err !== null && typeof err === "object" && "message" in err) {
+      return [String(err.message), err.stack ? String(err.stack) : ""];
+    }
+    return [String(err), ""];
+  };
+
+  const inspect = (value) => {
+    if (typeof value === "string") return value;
+    if (value instanceof Error) return value.stack ? `${value}\n${value.stack}` : String(value);
+    try {
+      const json = JSON.stringify(value);
+      return json === undefined ? String(value) : json;
+    } catch (_) {
+      return String(value);
+    }
+  };
+
+  const format = (args) => args.map(inspect).join(" ");
+
+  // Errors nobody can catch any more (timer callbacks, listeners) still deserve a log line.
+  const report = (what, err) => {
+    const [message, stack] = describe(err);
+    native.log("error", `${what}: ${message}${stack ? "\n" + stack : ""}`);
+  };
+
+  const define = (name, value) =>
+    Object.defineProperty(globalThis, name, { value, writable: true, configurable: true });
+
+  define(
+    "console",
+    Object.freeze({
+      log: (...args) => native.log("info", format(args)),
+      info: (...args) => native.log("info", format(args)),
+      debug: (...args) => native.log("debug", format(args)),
+      warn: (...args) => native.log("warn", format(args)),
+      error: (...args) => native.log("error", format(args)),
+    }),
+  );
+
+  define("Room", Object.freeze({ id: roomId }));
+
+  // ---- Beam: host handlers in the gateway ----
+  const pendingHostCalls = new Map();
+  define(
+    "Beam",
+    Object.freeze({
+      callSync(name, ...args) {
+        return JSON.parse(native.hostCallSync(String(name), toJson(args)));
+      },
+      call(name, ...args) {
+        return new Promise((resolve, reject) => {
+          const id = native.hostCallAsync(String(name), toJson(args));
+          pendingHostCalls.set(id, { resolve, reject });
+        });
+      },
+    }),
+  );
+
+  const settleHostCall = (id, ok, payload) => {
+    const pending = pendingHostCalls.get(id);
+    if (pending === undefined) return;
+    pendingHostCalls.delete(id);
+    if (ok) pending.resolve(JSON.parse(payload));
+    else pending.reject(new Error(payload));
+  };
+
+  // ---- timers ----
+  const timers = new Map();
+  let nextTimerId = 1;
+
+  const addTimer = (callback, delay, args, repeat) => {
+    if (typeof callback !== "function") throw new TypeError("timer callback is not a function");
+    const ms = Math.max(0, Number(delay) || 0);
+    const id = nextTimerId++;
+    // An interval of 0 would re-arm at the same instant forever; browsers clamp too.
+    timers.set(id, { at: Date.now() + ms, callback, args, every: repeat ? Math.max(1, ms) : 0 });
+    return id;
+  };
+
+  define("setTimeout", (callback, delay, ...args) => addTimer(callback, delay, args, false));
+  define("setInterval", (callback, delay, ...args) => addTimer(callback, delay, args, true));
+  define("clearTimeout", (id) => void timers.delete(id));
+  define("clearInterval", (id) => void timers.delete(id));
+  define("queueMicrotask", (callback) => {
+    if (typeof callback !== "function") throw new TypeError("microtask is not a function");
+    Promise.resolve().then(() => {
+      try {
+        callback();
+      } catch (err) {
+        report("uncaught error in microtask", err);
+      }
+    });
+  });
+
+  const earliestDue = (now, idLimit) => {
+    let found;
+    for (const [id, timer] of timers) {
+      if (timer.at > now || id >= idLimit) continue;
+      if (found === undefined || timer.at < found[1].at) found = [id, timer];
+    }
+    return found;
+  };
+
+  // Runs one due timer. The Rust loop gives each one a fresh CPU budget and its microtasks,
+  // and passes a fixed `now` and id limit so that timers armed meanwhile wait for the next turn.
+  const runDueTimer = (now, idLimit) => {
+    const due = earliestDue(now, idLimit);
+    if (due === undefined) return false;
+    const [id, timer] = due;
+    if (timer.every > 0) timer.at = Date.now() + timer.every;
+    else timers.delete(id);
+    try {
+      timer.callback(...timer.args);
+    } catch (err) {
+      report("uncaught error in timer", err);
+    }
+    return true;
+  };
+
+  const nextTimerAt = () => {
+    let at = -1;
+    for (const timer of timers.values()) if (at < 0 || timer.at < at) at = timer.at;
+    return at;
+  };
+
+  // ---- BroadcastChannel (the web standard, with PubSub topics as names) ----
+  const openChannels = new Map(); // name -> Set<BroadcastChannel>
+
+  class BroadcastChannel {
+    #name;
+    #closed = false;
+    #listeners = new Set();
+
+    constructor(name) {
+      if (arguments.length === 0) throw new TypeError("BroadcastChannel needs a name");
+      this.#name = String(name);
+      this.onmessage = null;
+      let peers = openChannels.get(this.#name);
+      if (peers === undefined) {
+        peers = new Set();
+        openChannels.set(this.#name, peers);
+        native.subscribe(this.#name);
+      }
+      peers.add(this);
+    }
+
+    get name() {
+      return this.#name;
+    }
+
+    postMessage(data) {
+      if (this.#closed) throw new Error("InvalidStateError: BroadcastChannel is closed");
+      const json = toJson(data);
+      native.post(this.#name, json);
+      // The standard also delivers to other instances of the name in this same runtime,
+      // asynchronously, never to the poster itself.
+      for (const peer of openChannels.get(this.#name) ?? []) {
+        if (peer !== this) addTimer(() => peer.#dispatch(json), 0, [], false);
+      }
+    }
+
+    close() {
+      if (this.#closed) return;
+      this.#closed = true;
+      const peers = openChannels.get(this.#name);
+      if (peers === undefined) return;
+      peers.delete(this);
+      if (peers.size === 0) {
+        openChannels.delete(this.#name);
+        native.unsubscribe(this.#name);
+      }
+    }
+
+    addEventListener(type, listener) {
+      if (type === "message" && listener) this.#listeners.add(listener);
+    }
+
+    removeEventListener(type, listener) {
+      if (type === "message") this.#listeners.delete(listener);
+    }
+
+    #dispatch(json) {
+      if (this.#closed) return;
+      const event = { type: "message", data: JSON.parse(json), target: this, currentTarget: this };
+      const handlers = [];
+      if (typeof this.onmessage === "function") handlers.push(this.onmessage);
+      handlers.push(...this.#listeners);
+      for (const handler of handlers) {
+        try {
+          if (typeof handler === "function") handler.call(this, event);
+          else if (typeof handler.handleEvent === "function") handler.handleEvent(event);
+        } catch (err) {
+          report(`uncaught error in BroadcastChannel("${this.#name}") listener`, err);
+        }
+      }
+    }
+
+    static deliver(name, json) {
+      for (const channel of [...(openChannels.get(name) ?? [])]) channel.#dispatch(json);
+    }
+  }
+
+  const deliver = BroadcastChannel.deliver;
+  delete BroadcastChannel.deliver;
+  define("BroadcastChannel", BroadcastChannel);
+
+  // ---- calls from the gateway ----
+  // Only what the room script itself declares is callable; the prelude's and the engine's
+  // globals are not, so the gateway cannot be talked into calling `eval`.
+  const builtins = new Set(Object.getOwnPropertyNames(globalThis));
+  const identifier = /^[A-Za-z_$][A-Za-z0-9_$]*$/;
+  const globalEval = eval;
+
+  const lookup = (name) => {
+    if (!identifier.test(name) || builtins.has(name)) return undefined;
+    try {
+      // Indirect eval of a bare identifier also finds top-level `const f = () => ...`,
+      // which is not a property of globalThis.
+      const value = globalEval(name);
+      return typeof value === "function" ? value : undefined;
+    } catch (_) {
+      return undefined;
+    }
+  };
+
+  const replyValue = (callId, value) => {
+    let json;
+    try {
+      json = toJson(value);
+    } catch (err) {
+      native.replyError(callId, `result is not JSON-serializable: ${describe(err)[0]}`, "");
+      return;
+    }
+    native.replyOk(callId, json);
+  };
+
+  const replyError = (callId, err) => {
+    const [message, stack] = describe(err);
+    native.replyError(callId, message, stack);
+  };
+
+  const invoke = (callId, name, argsJson) => {
+    const fn = lookup(name);
+    if (fn === undefined) {
+      native.replyError(callId, `the room script has no function named "${name}"`, "");
+      return;
+    }
+    let result;
+    try {
+      result = fn.apply(globalThis, JSON.parse(argsJson));
+    } catch (err) {
+      replyError(callId, err);
+      return;
+    }
+    if (result !== null && typeof result === "object" && typeof result.then === "function") {
+      Promise.resolve(result).then(
+        (value) => replyValue(callId, value),
+        (err) => replyError(callId, err),
+      );
+    } else {
+      replyValue(callId, result);
+    }
+  };
+
+  const timerWatermark = () => nextTimerId;
+
+  return { invoke, deliver, settleHostCall, runDueTimer, nextTimerAt, timerWatermark };
+});

@@ -1,0 +1,165 @@
+//! Phoenix Channels v2 JSON frames: `[join_ref, ref, topic, event, payload]`.
+
+use axum::extract::ws::Utf8Bytes;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+pub const PHX_JOIN: &str = "phx_join";
+pub const PHX_LEAVE: &str = "phx_leave";
+pub const PHX_REPLY: &str = "phx_reply";
+pub const PHX_CLOSE: &str = "phx_close";
+pub const PHX_ERROR: &str = "phx_error";
+pub const HEARTBEAT: &str = "heartbeat";
+pub const PHOENIX_TOPIC: &str = "phoenix";
+
+/// An inbound frame. The payload stays raw JSON until an event handler needs its fields.
+#[derive(Debug)]
+pub struct Frame {
+    pub join_ref: Option<String>,
+    pub msg_ref: Option<String>,
+    pub topic: String,
+    pub event: String,
+    pub payload: Box<RawValue>,
+}
+
+/// Why an inbound text was not a frame.
+#[derive(Debug)]
+pub struct MalformedFrame(pub String);
+
+impl std::fmt::Display for MalformedFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "malformed frame: {}", self.0)
+    }
+}
+
+impl std::error::Error for MalformedFrame {}
+
+impl Frame {
+    /// Accepts exactly a 5-element array: refs are strings or null, topic and event are
+    /// strings, payload is any JSON value.
+    pub fn parse(text: &str) -> Result<Frame, MalformedFrame> {
+        type Wire = (Option<String>, Option<String>, String, String, Box<RawValue>);
+        let (join_ref, msg_ref, topic, event, payload): Wire =
+            serde_json::from_str(text).map_err(|e| MalformedFrame(e.to_string()))?;
+        Ok(Frame { join_ref, msg_ref, topic, event, payload })
+    }
+
+    /// A reply to this frame.
+    pub fn reply(&self, reply: &Reply<'_>) -> Utf8Bytes {
+        encode(self.join_ref.as_deref(), self.msg_ref.as_deref(), &self.topic, PHX_REPLY, reply)
+    }
+
+    pub fn reply_ok(&self, response: &RawValue) -> Utf8Bytes {
+        self.reply(&Reply::ok(response))
+    }
+
+    pub fn reply_error(&self, reason: &str) -> Utf8Bytes {
+        self.reply(&Reply::error(reason))
+    }
+}
+
+/// The payload of a `phx_reply`.
+#[derive(Debug, Serialize)]
+pub struct Reply<'a> {
+    status: &'static str,
+    response: ReplyBody<'a>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum ReplyBody<'a> {
+    Raw(&'a RawValue),
+    Reason { reason: &'a str },
+    Empty(Empty),
+}
+
+/// Serializes as `{}`: the payload of heartbeats replies and `phx_close`.
+#[derive(Debug, Serialize)]
+pub struct Empty {}
+
+impl<'a> Reply<'a> {
+    pub fn ok(response: &'a RawValue) -> Self {
+        Reply { status: "ok", response: ReplyBody::Raw(response) }
+    }
+
+    pub fn ok_empty() -> Self {
+        Reply { status: "ok", response: ReplyBody::Empty(Empty {}) }
+    }
+
+    /// Error replies always carry a short, human-readable reason.
+    pub fn error(reason: &'a str) -> Self {
+        Reply { status: "error", response: ReplyBody::Reason { reason } }
+    }
+}
+
+/// Encodes one frame. Broadcasts call this once and share the bytes with every subscriber.
+pub fn encode<P: Serialize + ?Sized>(
+    join_ref: Option<&str>,
+    msg_ref: Option<&str>,
+    topic: &str,
+    event: &str,
+    payload: &P,
+) -> Utf8Bytes {
+    // Serializing strings, options and raw JSON into a Vec cannot fail; an empty array is a
+    // harmless fallback that clients drop.
+    serde_json::to_string(&(join_ref, msg_ref, topic, event, payload))
+        .unwrap_or_else(|_| "[]".to_owned())
+        .into()
+}
+
+/// A server push: no ref; `join_ref` null for broadcasts shared by all subscribers.
+pub fn push<P: Serialize + ?Sized>(join_ref: Option<&str>, topic: &str, event: &str, payload: &P) -> Utf8Bytes {
+    encode(join_ref, None, topic, event, payload)
+}
+
+/// `phx_close` to a channel, as Phoenix sends it: ref and join_ref both the join's ref.
+pub fn close(join_ref: Option<&str>, topic: &str) -> Utf8Bytes {
+    encode(join_ref, join_ref, topic, PHX_CLOSE, &Empty {})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_join() {
+        let frame = Frame::parse(r#"["1","1","room:general","phx_join",{}]"#).unwrap();
+        assert_eq!(frame.join_ref.as_deref(), Some("1"));
+        assert_eq!(frame.topic, "room:general");
+        assert_eq!(frame.event, PHX_JOIN);
+        assert_eq!(frame.payload.get(), "{}");
+    }
+
+    #[test]
+    fn rejects_wrong_arity_and_types() {
+        for bad in [
+            r#"["1","1","room:a","phx_join"]"#,
+            r#"["1","1","room:a","phx_join",{},1]"#,
+            r#"[1,"1","room:a","phx_join",{}]"#,
+            r#"["1","1",null,"phx_join",{}]"#,
+            r#"{"topic":"room:a"}"#,
+            "not json",
+            "",
+        ] {
+            assert!(Frame::parse(bad).is_err(), "accepted {bad}");
+        }
+    }
+
+    #[test]
+    fn replies_echo_refs_and_topic() {
+        let frame = Frame::parse(r#"[null,"7","phoenix","heartbeat",{}]"#).unwrap();
+        assert_eq!(
+            frame.reply(&Reply::ok_empty()).as_str(),
+            r#"[null,"7","phoenix","phx_reply",{"status":"ok","response":{}}]"#
+        );
+        assert_eq!(
+            frame.reply_error("unmatched topic").as_str(),
+            r#"[null,"7","phoenix","phx_reply",{"status":"error","response":{"reason":"unmatched topic"}}]"#
+        );
+    }
+
+    #[test]
+    fn close_uses_the_join_ref_twice() {
+        assert_eq!(close(Some("3"), "room:a").as_str(), r#"["3","3","room:a","phx_close",{}]"#);
+    }
+}

@@ -1,0 +1,193 @@
+//! In-process PubSub keyed by topic.
+//!
+//! Two kinds of subscriber share a topic's name: sockets, which receive frames that were
+//! encoded once for all of them, and runtimes, which receive BroadcastChannel messages.
+//! Nothing here awaits: a publisher never waits for a slow subscriber. A socket whose queue
+//! is full is flagged as overflowed and its connection closes itself.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// A socket's bounded outbound queue.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    frames: mpsc::Sender<Utf8Bytes>,
+    overflowed: CancellationToken,
+}
+
+impl Outbox {
+    pub fn new(capacity: usize) -> (Outbox, mpsc::Receiver<Utf8Bytes>) {
+        let (frames, receiver) = mpsc::channel(capacity.max(1));
+        (Outbox { frames, overflowed: CancellationToken::new() }, receiver)
+    }
+
+    /// Queues a frame without waiting. A full queue marks the socket as too slow.
+    pub fn send(&self, frame: Utf8Bytes) -> bool {
+        match self.frames.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.overflowed.cancel();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Cancelled once a frame could not be queued.
+    pub fn overflowed(&self) -> &CancellationToken {
+        &self.overflowed
+    }
+}
+
+/// A BroadcastChannel message on its way to a runtime.
+#[derive(Clone, Debug)]
+pub struct ChannelMessage {
+    pub channel: Arc<str>,
+    /// JSON.
+    pub data: Arc<str>,
+}
+
+pub type RuntimeInbox = mpsc::Sender<ChannelMessage>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SubscriptionId(u64);
+
+#[derive(Default)]
+struct Topic {
+    sockets: HashMap<SubscriptionId, Outbox>,
+    runtimes: HashMap<u64, RuntimeInbox>,
+}
+
+impl Topic {
+    fn is_empty(&self) -> bool {
+        self.sockets.is_empty() && self.runtimes.is_empty()
+    }
+}
+
+#[derive(Default)]
+pub struct PubSub {
+    topics: RwLock<HashMap<String, Topic>>,
+    next_id: AtomicU64,
+}
+
+impl PubSub {
+    pub fn new() -> Arc<PubSub> {
+        Arc::new(PubSub::default())
+    }
+
+    pub fn subscribe_socket(&self, topic: &str, outbox: Outbox) -> SubscriptionId {
+        let id = SubscriptionId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        self.write(|topics| {
+            topics.entry(topic.to_owned()).or_default().sockets.insert(id, outbox);
+        });
+        id
+    }
+
+    pub fn unsubscribe_socket(&self, topic: &str, id: SubscriptionId) {
+        self.remove(topic, |t| {
+            t.sockets.remove(&id);
+        });
+    }
+
+    pub fn subscribe_runtime(&self, channel: &str, runtime: u64, inbox: RuntimeInbox) {
+        self.write(|topics| {
+            topics.entry(channel.to_owned()).or_default().runtimes.insert(runtime, inbox);
+        });
+    }
+
+    pub fn unsubscribe_runtime(&self, channel: &str, runtime: u64) {
+        self.remove(channel, |t| {
+            t.runtimes.remove(&runtime);
+        });
+    }
+
+    /// Sends one pre-encoded frame to every socket on the topic; returns how many took it.
+    pub fn broadcast(&self, topic: &str, frame: &Utf8Bytes) -> usize {
+        self.read(topic, |t| t.sockets.values().filter(|outbox| outbox.send(frame.clone())).count())
+    }
+
+    /// Delivers a BroadcastChannel post to every runtime with the channel open, except the
+    /// poster's own. Returns how many runtimes took it.
+    pub fn deliver_to_runtimes(&self, message: &ChannelMessage, except_runtime: u64) -> usize {
+        self.read(&message.channel, |t| {
+            t.runtimes
+                .iter()
+                .filter(|(runtime, _)| **runtime != except_runtime)
+                .filter(|(runtime, inbox)| match inbox.try_send(message.clone()) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(channel = %message.channel, runtime = **runtime, "BroadcastChannel message dropped: {e}");
+                        false
+                    }
+                })
+                .count()
+        })
+    }
+
+    pub fn socket_count(&self, topic: &str) -> usize {
+        self.read(topic, |t| t.sockets.len())
+    }
+
+    fn read<T: Default>(&self, topic: &str, f: impl FnOnce(&Topic) -> T) -> T {
+        // A poisoned lock only means another thread panicked mid-update of a HashMap whose
+        // entries are still whole; carrying on beats taking the whole gateway down.
+        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        topics.get(topic).map(f).unwrap_or_default()
+    }
+
+    fn write(&self, f: impl FnOnce(&mut HashMap<String, Topic>)) {
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        f(&mut topics)
+    }
+
+    fn remove(&self, topic: &str, f: impl FnOnce(&mut Topic)) {
+        self.write(|topics| {
+            if let Some(t) = topics.get_mut(topic) {
+                f(t);
+                if t.is_empty() {
+                    topics.remove(topic);
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn broadcast_reaches_each_socket_once_and_flags_full_queues() {
+        let pubsub = PubSub::new();
+        let (fast, mut fast_rx) = Outbox::new(8);
+        let (slow, _slow_rx) = Outbox::new(1);
+        pubsub.subscribe_socket("room:a", fast);
+        pubsub.subscribe_socket("room:a", slow.clone());
+        let frame = Utf8Bytes::from_static("x");
+        assert_eq!(pubsub.broadcast("room:a", &frame), 2);
+        assert_eq!(pubsub.broadcast("room:a", &frame), 1);
+        assert!(slow.overflowed().is_cancelled());
+        assert_eq!(fast_rx.recv().await.as_ref().map(|f| f.as_str()), Some("x"));
+        assert_eq!(pubsub.broadcast("room:b", &frame), 0);
+    }
+
+    #[tokio::test]
+    async fn runtime_posts_skip_the_poster() {
+        let pubsub = PubSub::new();
+        let (a, mut a_rx) = mpsc::channel(4);
+        let (b, mut b_rx) = mpsc::channel(4);
+        pubsub.subscribe_runtime("chat", 1, a);
+        pubsub.subscribe_runtime("chat", 2, b);
+        let message = ChannelMessage { channel: "chat".into(), data: "1".into() };
+        assert_eq!(pubsub.deliver_to_runtimes(&message, 1), 1);
+        assert!(a_rx.try_recv().is_err());
+        assert_eq!(b_rx.recv().await.map(|m| m.data), Some("1".into()));
+        pubsub.unsubscribe_runtime("chat", 2);
+        assert_eq!(pubsub.deliver_to_runtimes(&message, 1), 0);
+    }
+}
