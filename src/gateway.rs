@@ -1,1 +1,83 @@
-pub fn main() -> std::process::ExitCode { std::process::ExitCode::SUCCESS }
+//! The gateway process: configuration, logging, the server, and an orderly shutdown.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::pubsub::PubSub;
+use crate::shutdown::{termination_signal, Shutdown};
+use crate::socket::SocketContext;
+use crate::supervisor::Supervisor;
+
+/// How long open sockets get to receive their close frame before workers are stopped.
+const SOCKET_CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+pub fn main() -> ExitCode {
+    let config = Config::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("gateway: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("gateway failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Serves until SIGTERM or SIGINT, then closes sockets with 1001, stops every worker, and
+/// returns.
+pub async fn run(config: Config) -> std::io::Result<()> {
+    let listener = TcpListener::bind((config.bind, config.port)).await?;
+    let address = listener.local_addr()?;
+    let config = Arc::new(config);
+    let supervisor = Supervisor::new(config.clone(), PubSub::new());
+    let shutdown = Shutdown::new();
+    let connections = TaskTracker::new();
+    let state = AppState {
+        socket: SocketContext { supervisor: supervisor.clone(), config: config.clone(), shutdown: shutdown.clone() },
+        connections: connections.clone(),
+    };
+
+    // Tests and scripts read this line to learn the port when started with --port 0.
+    println!("roomvisor gateway listening on http://{address}");
+    tracing::info!(pid = std::process::id(), "listening on http://{address}");
+
+    let trigger = shutdown.clone();
+    let serving = axum::serve(listener, http::router(state)).with_graceful_shutdown(async move {
+        match termination_signal().await {
+            Ok(signal) => tracing::info!("{signal} received; shutting down"),
+            Err(e) => tracing::error!("cannot listen for signals ({e}); shutting down"),
+        }
+        trigger.trigger();
+    });
+    let served = serving.await;
+
+    shutdown.trigger();
+    connections.close();
+    if tokio::time::timeout(SOCKET_CLOSE_GRACE, connections.wait()).await.is_err() {
+        tracing::warn!("some sockets did not close in time");
+    }
+    supervisor.shutdown(config.shutdown_grace()).await;
+    tracing::info!("gateway stopped");
+    served
+}

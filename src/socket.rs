@@ -1,1 +1,414 @@
+//! One WebSocket connection speaking Phoenix Channels v2.
+//!
+//! Like Phoenix, each joined topic is a channel with its own task: it handles its frames one
+//! at a time and in order, so a slow room never holds up heartbeats or other channels. The
+//! connection task reads frames and routes them; a separate writer task drains the outbound
+//! queue, so a client that stops reading fills its queue and is disconnected instead of
+//! stalling anyone who broadcasts to it.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::phoenix::{self, Frame, Reply};
+use crate::pubsub::Outbox;
+use crate::room::{RoomId, TOPIC_PREFIX};
+use crate::shutdown::Shutdown;
+use crate::supervisor::Supervisor;
+
+/// Malformed frames tolerated before the socket is closed as broken.
+const MAX_MALFORMED_FRAMES: u32 = 10;
+/// Frames waiting for one channel's task; past it the client is told the channel is busy.
+const CHANNEL_INBOX: usize = 64;
+/// How long the writer gets to flush a close frame before the connection is dropped.
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+
+pub mod close_code {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+}
+
+/// What a connection needs from the gateway.
+#[derive(Clone)]
+pub struct SocketContext {
+    pub supervisor: Supervisor,
+    pub config: Arc<Config>,
+    pub shutdown: Shutdown,
+}
+
+/// Serves one upgraded connection until either side closes it.
+pub async fn serve(socket: WebSocket, ctx: SocketContext) {
+    let (sink, stream) = socket.split();
+    let (outbox, outbound) = Outbox::new(ctx.config.outbound_queue);
+    let (close_tx, close_rx) = oneshot::channel();
+    let writer = tokio::spawn(write_frames(sink, outbound, close_rx));
+    let (ended_tx, ended_rx) = mpsc::channel(16);
+    let mut connection = Connection {
+        rate: TokenBucket::new(ctx.config.rate_per_sec, ctx.config.rate_burst),
+        ctx,
+        outbox,
+        channels: HashMap::new(),
+        next_channel_id: 0,
+        ended_tx,
+        malformed: 0,
+    };
+    let close = connection.run(stream, ended_rx).await;
+    drop(connection);
+    let _ = close_tx.send(close);
+    let mut writer = writer;
+    if tokio::time::timeout(CLOSE_FLUSH, &mut writer).await.is_err() {
+        writer.abort();
+    }
+}
+
+/// The frame to close with, if the server is the one closing.
+type Closing = Option<CloseFrame>;
+
+fn closing(code: u16, reason: &'static str) -> Closing {
+    Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) })
+}
+
+async fn write_frames(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut outbound: mpsc::Receiver<Utf8Bytes>,
+    mut close: oneshot::Receiver<Closing>,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            closing = &mut close => {
+                if let Ok(Some(frame)) = closing {
+                    let _ = sink.send(Message::Close(Some(frame))).await;
+                }
+                break;
+            }
+            frame = outbound.recv() => match frame {
+                Some(frame) => {
+                    if sink.send(Message::Text(frame)).await.is_err() {
+                        break;
+                    }
+                }
+                None => break,
+            },
+        }
+    }
+    let _ = sink.close().await;
+}
+
+struct JoinedChannel {
+    id: u64,
+    join_ref: Option<String>,
+    inbox: mpsc::Sender<Frame>,
+}
+
+/// A channel task has ended (left, failed to join, or replaced).
+struct ChannelEnded {
+    topic: String,
+    id: u64,
+}
+
+struct Connection {
+    ctx: SocketContext,
+    outbox: Outbox,
+    channels: HashMap<String, JoinedChannel>,
+    next_channel_id: u64,
+    ended_tx: mpsc::Sender<ChannelEnded>,
+    rate: TokenBucket,
+    malformed: u32,
+}
+
+impl Connection {
+    async fn run(&mut self, mut stream: SplitStream<WebSocket>, mut ended: mpsc::Receiver<ChannelEnded>) -> Closing {
+        let idle_timeout = self.ctx.config.idle_timeout();
+        let mut idle_deadline = Instant::now() + idle_timeout;
+        let overflowed = self.outbox.overflowed().clone();
+        let shutdown = self.ctx.shutdown.clone();
+        loop {
+            tokio::select! {
+                () = shutdown.wait() => return closing(close_code::GOING_AWAY, "server shutting down"),
+                () = overflowed.cancelled() => {
+                    tracing::info!("disconnecting a client that does not keep up with its messages");
+                    return closing(close_code::POLICY, "outbound queue full");
+                }
+                () = tokio::time::sleep_until(idle_deadline) => {
+                    return closing(close_code::NORMAL, "idle timeout");
+                }
+                Some(ChannelEnded { topic, id }) = ended.recv() => {
+                    if self.channels.get(&topic).is_some_and(|c| c.id == id) {
+                        self.channels.remove(&topic);
+                    }
+                }
+                message = stream.next() => {
+                    idle_deadline = Instant::now() + idle_timeout;
+                    match message {
+                        Some(Ok(Message::Text(text))) => {
+                            if let Some(close) = self.on_text(text.as_str()) {
+                                return close;
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            if let Some(close) = self.on_malformed("binary frames are not supported") {
+                                return close;
+                            }
+                        }
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(Message::Close(_))) | None => return None,
+                        Some(Err(e)) => return on_read_error(e),
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_text(&mut self, text: &str) -> Option<Closing> {
+        let frame = match Frame::parse(text) {
+            Ok(frame) => frame,
+            Err(e) => return self.on_malformed(&e.to_string()),
+        };
+        if !self.rate.take() {
+            self.outbox.send(frame.reply_error("rate limited"));
+            return None;
+        }
+        if frame.topic == phoenix::PHOENIX_TOPIC && frame.event == phoenix::HEARTBEAT {
+            self.outbox.send(frame.reply(&Reply::ok_empty()));
+        } else if frame.event == phoenix::PHX_JOIN {
+            self.join(frame);
+        } else {
+            self.route(frame);
+        }
+        None
+    }
+
+    fn on_malformed(&mut self, why: &str) -> Option<Closing> {
+        self.malformed += 1;
+        tracing::warn!(count = self.malformed, "dropped a frame: {why}");
+        (self.malformed > MAX_MALFORMED_FRAMES).then(|| closing(close_code::POLICY, "too many malformed frames"))
+    }
+
+    fn join(&mut self, frame: Frame) {
+        if !frame.topic.starts_with(TOPIC_PREFIX) {
+            self.outbox.send(frame.reply_error("unmatched topic"));
+            return;
+        }
+        let Ok(room) = RoomId::from_topic(&frame.topic) else {
+            self.outbox.send(frame.reply_error("invalid room id"));
+            return;
+        };
+        // A second join of a joined topic replaces the first, as in Phoenix.
+        if let Some(old) = self.channels.remove(&frame.topic) {
+            self.outbox.send(phoenix::close(old.join_ref.as_deref(), &frame.topic));
+        }
+        if self.channels.len() >= self.ctx.config.max_channels_per_socket {
+            self.outbox.send(frame.reply_error("too many channels on this socket"));
+            return;
+        }
+        let id = self.next_channel_id;
+        self.next_channel_id += 1;
+        let (inbox, frames) = mpsc::channel(CHANNEL_INBOX);
+        let topic = frame.topic.clone();
+        self.channels.insert(topic.clone(), JoinedChannel { id, join_ref: frame.join_ref.clone(), inbox });
+        let channel = Channel {
+            ctx: self.ctx.clone(),
+            outbox: self.outbox.clone(),
+            room,
+            topic,
+            join_ref: frame.join_ref.clone(),
+        };
+        let ended = self.ended_tx.clone();
+        tokio::spawn(async move {
+            let topic = channel.topic.clone();
+            channel.run(frame, frames).await;
+            let _ = ended.send(ChannelEnded { topic, id }).await;
+        });
+    }
+
+    fn route(&mut self, frame: Frame) {
+        let Some(channel) = self.channels.get(&frame.topic) else {
+            self.outbox.send(frame.reply_error("unmatched topic"));
+            return;
+        };
+        if frame.join_ref.is_some() && frame.join_ref != channel.join_ref {
+            self.outbox.send(frame.reply_error("unmatched topic"));
+            return;
+        }
+        if let Err(e) = channel.inbox.try_send(frame) {
+            let (frame, reason) = match e {
+                mpsc::error::TrySendError::Full(frame) => (frame, "channel busy"),
+                mpsc::error::TrySendError::Closed(frame) => (frame, "unmatched topic"),
+            };
+            self.outbox.send(frame.reply_error(reason));
+        }
+    }
+}
+
+fn on_read_error(error: axum::Error) -> Closing {
+    use tokio_tungstenite::tungstenite::error::{CapacityError, Error};
+    let inner = error.into_inner();
+    match inner.downcast_ref::<Error>() {
+        Some(Error::Capacity(CapacityError::MessageTooLong { size, max_size })) => {
+            tracing::warn!("closing a socket that sent a {size}-byte message (limit {max_size})");
+            closing(close_code::TOO_BIG, "message too big")
+        }
+        _ => {
+            tracing::debug!("socket read failed: {inner}");
+            None
+        }
+    }
+}
+
+/// One joined topic.
+struct Channel {
+    ctx: SocketContext,
+    outbox: Outbox,
+    room: RoomId,
+    topic: String,
+    join_ref: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SendMessage {
+    sender: String,
+    text: String,
+}
+
+impl Channel {
+    async fn run(self, join: Frame, mut frames: mpsc::Receiver<Frame>) {
+        let pubsub = self.ctx.supervisor.pubsub().clone();
+        // Subscribe before reading the history: a message sent meanwhile may then arrive
+        // twice (clients dedupe by id) but is never missed.
+        let subscription = pubsub.subscribe_socket(&self.topic, self.outbox.clone());
+        if self.join(&join).await {
+            while let Some(frame) = frames.recv().await {
+                if frame.event == phoenix::PHX_LEAVE {
+                    self.outbox.send(frame.reply(&Reply::ok_empty()));
+                    self.outbox.send(phoenix::close(self.join_ref.as_deref(), &self.topic));
+                    break;
+                }
+                let reply = self.handle(&frame).await;
+                self.outbox.send(reply);
+            }
+        }
+        pubsub.unsubscribe_socket(&self.topic, subscription);
+    }
+
+    async fn join(&self, join: &Frame) -> bool {
+        let args = format!("[{}]", self.ctx.config.history_on_join);
+        let reply = match self.ctx.supervisor.call(&self.room, "getHistory", args).await {
+            Ok(history) => match RawValue::from_string(format!(r#"{{"messages":{history}}}"#)) {
+                Ok(response) => Ok(join.reply_ok(&response)),
+                Err(_) => Err("the room returned a history that is not JSON".to_owned()),
+            },
+            Err(e) => Err(e.reason()),
+        };
+        match reply {
+            Ok(reply) => {
+                self.outbox.send(reply);
+                true
+            }
+            Err(reason) => {
+                tracing::info!(room = %self.room, "join refused: {reason}");
+                self.outbox.send(join.reply_error(&reason));
+                false
+            }
+        }
+    }
+
+    async fn handle(&self, frame: &Frame) -> Utf8Bytes {
+        match frame.event.as_str() {
+            "send_message" => match self.validate(frame) {
+                Ok(args) => match self.ctx.supervisor.call(&self.room, "sendMessage", args).await {
+                    Ok(message) => match RawValue::from_string(message) {
+                        Ok(message) => frame.reply_ok(&message),
+                        Err(_) => frame.reply_error("the room returned a message that is not JSON"),
+                    },
+                    Err(e) => frame.reply_error(&e.reason()),
+                },
+                Err(reason) => frame.reply_error(&reason),
+            },
+            _ => frame.reply_error("unknown event"),
+        }
+    }
+
+    /// The arguments of `sendMessage`, or why the payload is refused.
+    fn validate(&self, frame: &Frame) -> Result<String, String> {
+        let message: SendMessage = serde_json::from_str(frame.payload.get())
+            .map_err(|_| "invalid payload: expected {\"sender\": string, \"text\": string}".to_owned())?;
+        let config = &self.ctx.config;
+        check_field("sender", &message.sender, config.max_sender_chars)?;
+        check_field("text", &message.text, config.max_text_chars)?;
+        serde_json::to_string(&(message.sender, message.text)).map_err(|e| e.to_string())
+    }
+}
+
+fn check_field(name: &str, value: &str, max_chars: usize) -> Result<(), String> {
+    if value.trim().is_empty() {
+        return Err(format!("{name} must not be blank"));
+    }
+    if value.chars().count() > max_chars {
+        return Err(format!("{name} is longer than {max_chars} characters"));
+    }
+    Ok(())
+}
+
+/// Inbound rate limit per socket: `rate` frames per second sustained, `burst` at once.
+struct TokenBucket {
+    tokens: f64,
+    burst: f64,
+    per_second: f64,
+    refilled_at: Instant,
+}
+
+impl TokenBucket {
+    fn new(per_second: u32, burst: u32) -> Self {
+        TokenBucket {
+            tokens: f64::from(burst),
+            burst: f64::from(burst),
+            per_second: f64::from(per_second),
+            refilled_at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.refilled_at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
+        self.refilled_at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_must_be_present_and_short() {
+        assert!(check_field("text", "hi", 10).is_ok());
+        assert_eq!(check_field("text", "  \n", 10).unwrap_err(), "text must not be blank");
+        assert!(check_field("text", &"é".repeat(10), 10).is_ok(), "limits count characters, not bytes");
+        assert!(check_field("text", &"é".repeat(11), 10).is_err());
+    }
+
+    #[test]
+    fn token_bucket_allows_the_burst_then_refuses() {
+        let mut bucket = TokenBucket::new(50, 100);
+        assert!((0..100).all(|_| bucket.take()));
+        assert!(!bucket.take());
+    }
+}

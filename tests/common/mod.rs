@@ -1,0 +1,353 @@
+//! Test harness: a real `gateway` process on port 0, WebSocket clients speaking Phoenix v2
+//! frames, a tiny HTTP GET, and a look at the process table.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct Gateway {
+    pub child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Gateway {
+    pub fn start(args: &[&str]) -> Gateway {
+        Gateway::start_binary(Path::new(env!("CARGO_BIN_EXE_gateway")), args)
+    }
+
+    /// Starts a gateway executable with `--port 0` and reads the address it prints.
+    pub fn start_binary(binary: &Path, args: &[&str]) -> Gateway {
+        let mut child = Command::new(binary)
+            .args(["--port", "0"])
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("RUST_LOG", "roomvisor=debug,info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the gateway starts");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[gateway] {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("the gateway prints its address");
+        let addr = line
+            .trim()
+            .rsplit("http://")
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        // Keep draining stdout so the gateway never blocks on a full pipe.
+        std::thread::spawn(move || for _ in stdout.lines() {});
+        Gateway { child, addr, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub async fn connect(&self) -> Client {
+        let url = format!("ws://{}/socket/websocket?vsn=2.0.0", self.addr);
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connects");
+        Client { ws, next_ref: 0, skipped: Default::default() }
+    }
+
+    /// GET a path and parse the JSON body.
+    pub fn get_json(&self, path: &str) -> Value {
+        let (status, body) = http_get(self.addr, path, &[]);
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path} is not JSON ({e}): {body}"))
+    }
+
+    pub fn rooms(&self) -> Vec<Value> {
+        self.get_json("/api/rooms").as_array().cloned().expect("rooms is an array")
+    }
+
+    pub fn room_pid(&self, id: &str) -> Option<u32> {
+        self.rooms()
+            .iter()
+            .find(|r| r["id"] == id)
+            .and_then(|r| r["pid"].as_u64())
+            .map(|p| p as u32)
+    }
+
+    /// Waits until the registry shows the room with a worker, and returns its pid.
+    pub fn wait_room_pid(&self, id: &str) -> u32 {
+        wait_for(|| self.room_pid(id)).unwrap_or_else(|| panic!("room {id} never showed up"))
+    }
+
+    pub fn log_contains(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), signal).expect("signal sent");
+    }
+
+    /// Waits for the gateway to exit and returns its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "the gateway did not exit within {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.1 GET; returns the status code and the body.
+pub fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+pub fn wait_for<T>(mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if let Some(value) = probe() {
+            return Some(value);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+pub struct Client {
+    pub ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    next_ref: u64,
+    /// Frames that arrived while waiting for another; pushes and replies may interleave.
+    skipped: std::collections::VecDeque<Value>,
+}
+
+impl Client {
+    pub fn make_ref(&mut self) -> String {
+        self.next_ref += 1;
+        self.next_ref.to_string()
+    }
+
+    pub async fn send_raw(&mut self, text: impl Into<String>) {
+        self.ws.send(Message::Text(text.into().into())).await.expect("send");
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.send_raw(frame.to_string()).await;
+    }
+
+    /// Sends an event and returns its ref.
+    pub async fn push(&mut self, join_ref: Option<&str>, topic: &str, event: &str, payload: Value) -> String {
+        let msg_ref = self.make_ref();
+        self.send(json!([join_ref, msg_ref, topic, event, payload])).await;
+        msg_ref
+    }
+
+    /// Joins a topic; returns the join_ref and the reply's payload.
+    pub async fn join(&mut self, topic: &str) -> (String, Value) {
+        let join_ref = self.make_ref();
+        self.send(json!([join_ref, join_ref, topic, "phx_join", {}])).await;
+        let reply = self.reply_to(&join_ref).await;
+        (join_ref, reply)
+    }
+
+    /// Joins and asserts the join succeeded; returns the join_ref and the history.
+    pub async fn join_ok(&mut self, topic: &str) -> (String, Vec<Value>) {
+        let (join_ref, reply) = self.join(topic).await;
+        assert_eq!(reply["status"], "ok", "join {topic}: {reply}");
+        let history = reply["response"]["messages"].as_array().cloned().expect("history");
+        (join_ref, history)
+    }
+
+    pub async fn send_message(&mut self, join_ref: &str, topic: &str, sender: &str, text: &str) -> Value {
+        let msg_ref = self.push(Some(join_ref), topic, "send_message", json!({"sender": sender, "text": text})).await;
+        self.reply_to(&msg_ref).await
+    }
+
+    /// The next text frame, parsed.
+    pub async fn recv(&mut self) -> Value {
+        self.try_recv(WAIT).await.expect("a frame arrives in time")
+    }
+
+    pub async fn try_recv(&mut self, within: Duration) -> Option<Value> {
+        if let Some(frame) = self.skipped.pop_front() {
+            return Some(frame);
+        }
+        self.recv_from_socket(within).await
+    }
+
+    async fn recv_from_socket(&mut self, within: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let message = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()??;
+            match message {
+                Ok(Message::Text(text)) => return Some(serde_json::from_str(&text).expect("frames are JSON")),
+                Ok(Message::Close(frame)) => panic!("socket closed: {frame:?}"),
+                Ok(_) => continue,
+                Err(e) => panic!("socket error: {e}"),
+            }
+        }
+    }
+
+    /// The first frame that matches, earlier skipped ones included; others are kept for later.
+    pub async fn recv_until(&mut self, mut matches: impl FnMut(&Value) -> bool) -> Value {
+        if let Some(at) = self.skipped.iter().position(&mut matches) {
+            return self.skipped.remove(at).expect("position is in range");
+        }
+        loop {
+            let frame = self.recv_from_socket(WAIT).await.expect("a matching frame arrives in time");
+            if matches(&frame) {
+                return frame;
+            }
+            self.skipped.push_back(frame);
+        }
+    }
+
+    /// The payload of the `phx_reply` to `msg_ref`.
+    pub async fn reply_to(&mut self, msg_ref: &str) -> Value {
+        let frame = self.recv_until(|f| f[3] == "phx_reply" && f[1] == msg_ref).await;
+        frame[4].clone()
+    }
+
+    pub async fn next_event(&mut self, event: &str) -> Value {
+        self.recv_until(|f| f[3] == event).await
+    }
+
+    /// Asserts that no frame with this event arrives within `within`.
+    pub async fn assert_no_event(&mut self, event: &str, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while let Some(frame) = self.try_recv(deadline.saturating_duration_since(tokio::time::Instant::now())).await {
+            assert_ne!(frame[3], event, "unexpected {event}: {frame}");
+        }
+    }
+
+    /// Waits for the server to close the socket; returns the close code.
+    pub async fn closed(&mut self) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| u16::from(f.code)),
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(_))) | Ok(None) => return None,
+                Err(_) => panic!("the socket was not closed in time"),
+            }
+        }
+    }
+}
+
+/// A process as `/proc` shows it.
+#[derive(Debug, Clone)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub ppid: u32,
+    pub state: char,
+    pub argv0: String,
+}
+
+pub fn process(pid: u32) -> Option<ProcessInfo> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may itself contain spaces or parentheses.
+    let after = &stat[stat.rfind(')')? + 2..];
+    let mut fields = after.split(' ');
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let argv0 = String::from_utf8_lossy(cmdline.split(|b| *b == 0).next().unwrap_or_default()).into_owned();
+    Some(ProcessInfo { pid, ppid, state, argv0 })
+}
+
+/// Alive means present and not a zombie.
+pub fn is_alive(pid: u32) -> bool {
+    process(pid).is_some_and(|p| p.state != 'Z')
+}
+
+pub fn children_of(parent: u32) -> Vec<ProcessInfo> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(process)
+        .filter(|p| p.ppid == parent)
+        .collect()
+}
+
+/// Room workers the gateway has started and not yet reaped (zombies included).
+pub fn workers_of(gateway: u32) -> Vec<ProcessInfo> {
+    children_of(gateway).into_iter().filter(|p| p.argv0.ends_with("room-worker")).collect()
+}
+
+pub fn kill9(pid: u32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL)
+        .expect("kill -9");
+}
+
+/// Writes a room script to a fresh temporary file.
+pub fn script_file(name: &str, source: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("roomvisor-test-{}-{}", std::process::id(), unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, source).unwrap();
+    path
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Like [`http_get`], but reads only the status line and headers (for 101 responses, whose
+/// connection stays open).
+pub fn http_get_head(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head)
+}
