@@ -147,7 +147,8 @@ pub struct ExitReport {
     pub runtime: u64,
     pub pid: u32,
     pub reason: ExitReason,
-    /// Whether the runtime ever became ready: only then was there state to lose.
+    /// Whether the runtime ever became ready: only then was there state to lose, and only
+    /// then is its end counted here (a failed start is counted when it fails).
     pub was_ready: bool,
 }
 
@@ -280,6 +281,7 @@ pub fn spawn(
         calls,
         shutting_down: false,
         spawned_at: Instant::now(),
+        became_ready: false,
         spec,
     };
     Ok((handle, ready, actor.run()))
@@ -309,6 +311,7 @@ struct Actor {
     calls: Arc<AtomicU64>,
     shutting_down: bool,
     spawned_at: Instant,
+    became_ready: bool,
 }
 
 /// A frame from the worker that breaks the protocol; the worker is killed for it.
@@ -338,7 +341,7 @@ impl Actor {
             (ExitReason::Exited(_), Ok(status)) => ExitReason::Exited(status),
             (reason, _) => reason,
         };
-        let was_ready = self.ready.is_none();
+        let was_ready = self.became_ready;
         if let Some(ready) = self.ready.take() {
             let _ = ready.send(Err(RoomError::WorkerExited));
         }
@@ -439,6 +442,7 @@ impl Actor {
         match frame {
             FromWorker::Ready => {
                 let ready = self.ready.take().ok_or_else(|| Violation("a second Ready".to_owned()))?;
+                self.became_ready = true;
                 let _ = ready.send(Ok(()));
             }
             FromWorker::StartFailed(error) => {

@@ -178,8 +178,13 @@ impl Supervisor {
                     Ok(handle) if still_ours => {
                         state.rooms.insert(id.clone(), Slot::Live(handle.clone()));
                     }
-                    Err(_) if still_ours => {
+                    Err(error) if still_ours => {
                         state.rooms.remove(&id);
+                        // Counted before anyone hears of the failure, so that a client
+                        // retrying at once already meets the crash-loop guard.
+                        if !matches!(error, RoomError::Unavailable(_)) {
+                            supervisor.record_crash(&mut state, &id);
+                        }
                     }
                     _ => {}
                 }
@@ -224,7 +229,7 @@ impl Supervisor {
     }
 
     fn room_exited(&self, report: ExitReport) {
-        let crashed = report.reason.is_crash();
+        let crashed = report.reason.is_crash() && report.was_ready;
         {
             let mut state = self.lock();
             state.workers.remove(&report.runtime);
@@ -240,7 +245,7 @@ impl Supervisor {
                 self.record_crash(&mut state, &report.room);
             }
         }
-        if crashed && report.was_ready {
+        if crashed {
             let topic = report.room.topic();
             let payload = serde_json::json!({
                 "reason": RoomError::WorkerExited.reason(),

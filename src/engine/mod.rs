@@ -117,7 +117,7 @@ impl Engine {
                 .map_err(|e| to_script_error(e, &budget))?;
             ctx.eval_with_options::<(), _>(script, eval_options(script_name, false))
                 .catch(&ctx)
-                .map_err(|e| to_script_error(e, &budget))?;
+                .map_err(|e| with_location(to_script_error(e, &budget)))?;
             Ok(Persistent::save(&ctx, hooks))
         });
         let engine = Engine { runtime, context, hooks: hooks?, budget, host };
@@ -344,7 +344,13 @@ fn to_script_error(error: CaughtError<'_>, budget: &CpuBudget) -> ScriptError {
     match error {
         CaughtError::Exception(exception) => {
             let message = exception.message().unwrap_or_else(|| "exception".to_owned());
-            ScriptError { kind: classify_message(&message), message, stack: exception.stack() }
+            let kind = classify_message(&message);
+            let name: Option<String> = exception.get("name").ok();
+            let message = match name {
+                Some(name) if !name.is_empty() => format!("{name}: {message}"),
+                _ => message,
+            };
+            ScriptError { kind, message, stack: exception.stack() }
         }
         CaughtError::Value(value) => ScriptError::exception(describe_value(&value)),
         CaughtError::Error(rquickjs::Error::Allocation) => ScriptError {
@@ -354,6 +360,19 @@ fn to_script_error(error: CaughtError<'_>, budget: &CpuBudget) -> ScriptError {
         },
         CaughtError::Error(other) => ScriptError::exception(other.to_string()),
     }
+}
+
+/// Start-up errors are read by whoever fixes the script: name the error and where it is,
+/// e.g. `SyntaxError: unexpected token in expression: ')' (at room.js:3:14)`.
+fn with_location(mut error: ScriptError) -> ScriptError {
+    let location = error
+        .stack
+        .as_deref()
+        .and_then(|stack| stack.lines().map(str::trim).find_map(|line| line.strip_prefix("at ")));
+    if let Some(location) = location {
+        error.message = format!("{} (at {location})", error.message);
+    }
+    error
 }
 
 fn script_error_from_value(value: &rquickjs::Value<'_>, budget: &CpuBudget) -> ScriptError {

@@ -151,6 +151,17 @@ pub fn wait_for<T>(mut probe: impl FnMut() -> Option<T>) -> Option<T> {
     None
 }
 
+pub async fn wait_for_async<T, F: std::future::Future<Output = Option<T>>>(mut probe: impl FnMut() -> F) -> Option<T> {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if let Some(value) = probe().await {
+            return Some(value);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
 pub struct Client {
     pub ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
     next_ref: u64,

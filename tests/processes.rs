@@ -1,0 +1,99 @@
+//! Process lifecycle: no room-worker outlives its gateway, and the fallback worker mode.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{is_alive, workers_of, Gateway};
+use nix::sys::signal::Signal;
+
+/// Starts two rooms and returns their worker pids.
+async fn two_rooms(gateway: &Gateway) -> (common::Client, Vec<u32>) {
+    let mut client = gateway.connect().await;
+    client.join_ok("room:one").await;
+    client.join_ok("room:two").await;
+    let pids = vec![gateway.wait_room_pid("one"), gateway.wait_room_pid("two")];
+    assert!(pids.iter().all(|p| is_alive(*p)));
+    (client, pids)
+}
+
+fn assert_all_gone(pids: &[u32], within: Duration) {
+    let deadline = Instant::now() + within;
+    while pids.iter().any(|p| is_alive(*p)) {
+        assert!(Instant::now() < deadline, "room workers outlived the gateway: {pids:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[tokio::test]
+async fn sigterm_closes_sockets_with_1001_stops_workers_and_exits_0() {
+    let mut gateway = Gateway::start(&[]);
+    let (mut client, pids) = two_rooms(&gateway).await;
+    gateway.signal(Signal::SIGTERM);
+    assert_eq!(client.closed().await, Some(1001));
+    assert_eq!(gateway.wait_exit(Duration::from_secs(8)), Some(0));
+    assert_all_gone(&pids, Duration::from_secs(1));
+    assert!(gateway.log_contains("shut down on request"), "workers were asked, not killed");
+}
+
+#[tokio::test]
+async fn sigint_is_a_graceful_shutdown_too() {
+    let mut gateway = Gateway::start(&[]);
+    let (_client, pids) = two_rooms(&gateway).await;
+    gateway.signal(Signal::SIGINT);
+    assert_eq!(gateway.wait_exit(Duration::from_secs(8)), Some(0));
+    assert_all_gone(&pids, Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn sigkill_of_the_gateway_takes_its_workers_down() {
+    let mut gateway = Gateway::start(&[]);
+    let (_client, pids) = two_rooms(&gateway).await;
+    gateway.signal(Signal::SIGKILL);
+    gateway.wait_exit(Duration::from_secs(5));
+    // PR_SET_PDEATHSIG kills them; nothing is left running as an orphan.
+    assert_all_gone(&pids, Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn without_a_room_worker_binary_the_gateway_runs_itself_as_the_worker() {
+    // A directory holding only the gateway, as after `cargo run --bin gateway`.
+    let dir = std::env::temp_dir().join(format!("roomvisor-fallback-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lone = dir.join("gateway");
+    std::fs::copy(env!("CARGO_BIN_EXE_gateway"), &lone).unwrap();
+    assert!(!dir.join("room-worker").exists());
+
+    let gateway = Gateway::start_binary(&lone, &[]);
+    let mut client = gateway.connect().await;
+    let (join_ref, _) = client.join_ok("room:fallback").await;
+    let reply = client.send_message(&join_ref, "room:fallback", "ann", "hi").await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let pid = gateway.wait_room_pid("fallback");
+    let workers = workers_of(gateway.pid());
+    assert_eq!(workers.len(), 1, "{workers:?}");
+    assert_eq!(workers[0].pid, pid);
+    assert_eq!(workers[0].argv0, "room-worker", "ps shows it as a room worker");
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(exe, lone, "the worker is the gateway executable itself");
+    drop(gateway);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn killed_workers_leave_no_zombies() {
+    let gateway = Gateway::start(&[]);
+    let mut client = gateway.connect().await;
+    let (join_ref, _) = client.join_ok("room:reaped").await;
+    for _ in 0..5 {
+        let pid = gateway.wait_room_pid("reaped");
+        common::kill9(pid);
+        client.next_event("room_reset").await;
+        common::wait_for(|| (!workers_of(gateway.pid()).iter().any(|p| p.pid == pid)).then_some(()))
+            .unwrap_or_else(|| panic!("worker {pid} was not reaped"));
+        let reply = client.send_message(&join_ref, "room:reaped", "ann", "again").await;
+        assert_eq!(reply["status"], "ok", "{reply}");
+    }
+    let zombies: Vec<_> = common::children_of(gateway.pid()).into_iter().filter(|p| p.state == 'Z').collect();
+    assert!(zombies.is_empty(), "{zombies:?}");
+}

@@ -1,0 +1,183 @@
+//! The room script API (design §5) as scripts use it, through a real gateway and real workers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{script_file, workers_of, Gateway};
+use serde_json::json;
+
+/// The original design's code path: the script pushes through the `broadcast` host handler.
+const CALL_SYNC_ROOM: &str = r#"
+const messages = [];
+function getHistory(limit) { return messages.slice(-limit); }
+function sendMessage(sender, text) {
+  const message = { id: messages.length + 1, sender, text, timestamp: Date.now() };
+  messages.push(message);
+  const result = Beam.callSync("broadcast", message);
+  if (result !== null) throw new Error("broadcast returned " + JSON.stringify(result));
+  return message;
+}
+"#;
+
+/// Rooms that talk to each other over a shared BroadcastChannel name, and exercise the rest
+/// of the runtime API.
+const LOBBY_ROOM: &str = r#"
+const heard = [];
+const lobby = new BroadcastChannel("lobby");
+lobby.addEventListener("message", (event) => heard.push(event.data));
+function getHistory() { return []; }
+function announce(text) { lobby.postMessage({ from: Room.id, text }); return true; }
+function whatDidIHear() { return heard; }
+function callUnknownHandler() { return Beam.callSync("no_such_handler", 1); }
+async function viaPromise() { await Beam.call("broadcast", { text: "async" }); return "sent"; }
+function later(ms) {
+  return new Promise((resolve) => {
+    const started = Date.now();
+    const ticks = [];
+    const interval = setInterval(() => ticks.push(Date.now()), 5);
+    const cancelled = setTimeout(() => resolve("cancelled timer fired"), ms / 2);
+    clearTimeout(cancelled);
+    setTimeout(() => { clearInterval(interval); resolve({ waited: Date.now() - started, ticks: ticks.length }); }, ms);
+  });
+}
+function spin() { for (;;) {} }
+function throwing() { throw new TypeError("nope, says the script"); }
+function microtaskOrder() {
+  const order = [];
+  queueMicrotask(() => order.push("microtask"));
+  order.push("sync");
+  return Promise.resolve().then(() => order);
+}
+"#;
+
+#[tokio::test]
+async fn beam_call_sync_broadcast_reaches_websocket_clients() {
+    let script = script_file("callsync.js", CALL_SYNC_ROOM);
+    let gateway = Gateway::start(&["--room-script", script.to_str().unwrap()]);
+    let mut ann = gateway.connect().await;
+    let mut bob = gateway.connect().await;
+    let (ann_ref, _) = ann.join_ok("room:beam").await;
+    bob.join_ok("room:beam").await;
+    let reply = ann.send_message(&ann_ref, "room:beam", "ann", "via Beam.callSync").await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let push = bob.next_event("new_message").await;
+    assert_eq!(push[4], reply["response"]);
+    assert_eq!(push[4]["text"], "via Beam.callSync");
+}
+
+#[tokio::test]
+async fn the_default_room_broadcasts_through_its_broadcast_channel() {
+    // rooms/chat-room.js posts on `new BroadcastChannel("room:" + Room.id)`.
+    let gateway = Gateway::start(&[]);
+    let mut ann = gateway.connect().await;
+    let mut bob = gateway.connect().await;
+    let (ann_ref, _) = ann.join_ok("room:bc").await;
+    bob.join_ok("room:bc").await;
+    let reply = ann.send_message(&ann_ref, "room:bc", "ann", "via BroadcastChannel").await;
+    assert_eq!(bob.next_event("new_message").await[4], reply["response"]);
+}
+
+#[tokio::test]
+async fn broadcast_channel_posts_reach_other_runtimes_but_not_the_poster() {
+    let script = script_file("lobby.js", LOBBY_ROOM);
+    let supervisor = common_supervisor(&script);
+    let (a, b, c) = (room("a"), room("b"), room("c"));
+    for r in [&a, &b, &c] {
+        supervisor.call(r, "whatDidIHear", "[]".into()).await.unwrap();
+    }
+    let pids: std::collections::HashSet<u32> = supervisor.rooms().iter().map(|r| r.pid).collect();
+    assert_eq!(pids.len(), 3, "three runtimes in three processes");
+    assert_eq!(supervisor.call(&a, "announce", r#"["hello from a"]"#.into()).await.unwrap(), "true");
+    let expected = json!([{ "from": "a", "text": "hello from a" }]);
+    for r in [&b, &c] {
+        let heard = common::wait_for_async(|| async {
+            let heard: serde_json::Value =
+                serde_json::from_str(&supervisor.call(r, "whatDidIHear", "[]".into()).await.unwrap()).unwrap();
+            (heard == expected).then_some(heard)
+        })
+        .await;
+        assert!(heard.is_some(), "room {r} never heard the post");
+    }
+    let own: serde_json::Value = serde_json::from_str(&supervisor.call(&a, "whatDidIHear", "[]".into()).await.unwrap()).unwrap();
+    assert_eq!(own, json!([]), "the poster does not hear itself");
+    supervisor.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn script_errors_host_calls_timers_and_budgets() {
+    let script = script_file("lobby.js", LOBBY_ROOM);
+    let supervisor = common_supervisor(&script);
+    let r = room("api");
+
+    let error = supervisor.call(&r, "callUnknownHandler", "[]".into()).await.unwrap_err();
+    assert!(error.reason().contains("no_such_handler"), "{error}");
+
+    let error = supervisor.call(&r, "throwing", "[]".into()).await.unwrap_err();
+    assert_eq!(error.reason(), "nope, says the script");
+
+    let error = supervisor.call(&r, "noSuchFunction", "[]".into()).await.unwrap_err();
+    assert!(error.reason().contains("noSuchFunction"), "{error}");
+    let error = supervisor.call(&r, "eval", r#"["1+1"]"#.into()).await.unwrap_err();
+    assert!(error.reason().contains("no function named"), "builtins are not callable: {error}");
+
+    let (outbox, mut frames) = roomvisor::pubsub::Outbox::new(8);
+    supervisor.pubsub().subscribe_socket("room:api", outbox);
+    assert_eq!(supervisor.call(&r, "viaPromise", "[]".into()).await.unwrap(), r#""sent""#);
+    let frame = tokio::time::timeout(Duration::from_secs(5), frames.recv()).await.unwrap().unwrap();
+    assert_eq!(frame.as_str(), r#"[null,null,"room:api","new_message",{"text":"async"}]"#);
+
+    let waited: serde_json::Value = serde_json::from_str(&supervisor.call(&r, "later", "[100]".into()).await.unwrap()).unwrap();
+    assert!(waited["waited"].as_u64().unwrap() >= 100, "{waited}");
+    assert!(waited["ticks"].as_u64().unwrap() >= 5, "the interval kept firing: {waited}");
+
+    assert_eq!(supervisor.call(&r, "microtaskOrder", "[]".into()).await.unwrap(), r#"["sync","microtask"]"#);
+
+    let pid = supervisor.rooms()[0].pid;
+    let error = supervisor.call(&r, "spin", "[]".into()).await.unwrap_err();
+    assert_eq!(error.reason(), "timeout");
+    // The runtime survived the interrupted call, state and process alike.
+    assert_eq!(supervisor.call(&r, "whatDidIHear", "[]".into()).await.unwrap(), "[]");
+    assert_eq!(supervisor.rooms()[0].pid, pid);
+    supervisor.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_script_with_a_syntax_error_fails_the_join_without_a_respawn_loop() {
+    let script = script_file("broken.js", "function getHistory( {\n");
+    let gateway = Gateway::start(&["--room-script", script.to_str().unwrap()]);
+    let mut client = gateway.connect().await;
+    let (_, reply) = client.join("room:broken").await;
+    assert_eq!(reply["status"], "error");
+    let reason = reply["response"]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("SyntaxError: "), "the script's error: {reason}");
+    assert!(reason.contains("(at broken.js:"), "where the error is: {reason}");
+
+    // Nothing respawns on its own: no worker is left, none appears later.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(workers_of(gateway.pid()).is_empty());
+    assert!(gateway.rooms().is_empty());
+
+    // Retrying is allowed until the crash-loop limit (5 in 10 s), then the room cools down.
+    let mut reasons = Vec::new();
+    for _ in 0..6 {
+        let (_, reply) = client.join("room:broken").await;
+        reasons.push(reply["response"]["reason"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(reasons.last().unwrap(), "room is crash-looping", "{reasons:?}");
+    assert!(workers_of(gateway.pid()).is_empty());
+    // Other rooms are not affected by the cool-down, and the gateway is up.
+    assert_eq!(gateway.get_json("/healthz")["status"], "ok");
+}
+
+fn room(id: &str) -> roomvisor::room::RoomId {
+    roomvisor::room::RoomId::parse(id).unwrap()
+}
+
+fn common_supervisor(script: &std::path::Path) -> roomvisor::supervisor::Supervisor {
+    let mut config = roomvisor::config::Config::default();
+    config.worker_bin = Some(env!("CARGO_BIN_EXE_room-worker").into());
+    config.room_script = script.to_path_buf();
+    config.js_cpu_ms = 200;
+    roomvisor::supervisor::Supervisor::new(std::sync::Arc::new(config), roomvisor::pubsub::PubSub::new())
+}
