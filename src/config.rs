@@ -9,7 +9,11 @@ use clap::Parser;
 use crate::ipc::RuntimeLimits;
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "gateway", version, about = "roomvisor gateway: every chat room a JavaScript runtime in its own process")]
+#[command(
+    name = "gateway",
+    version,
+    about = "roomvisor gateway: every chat room a JavaScript runtime in its own process"
+)]
 pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "ROOMVISOR_BIND", default_value = "127.0.0.1")]

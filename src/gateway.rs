@@ -54,7 +54,11 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     let shutdown = Shutdown::new();
     let connections = TaskTracker::new();
     let state = AppState {
-        socket: SocketContext { supervisor: supervisor.clone(), config: config.clone(), shutdown: shutdown.clone() },
+        socket: SocketContext {
+            supervisor: supervisor.clone(),
+            config: config.clone(),
+            shutdown: shutdown.clone(),
+        },
         connections: connections.clone(),
     };
 

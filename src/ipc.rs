@@ -41,7 +41,10 @@ pub enum ToWorker {
         result: Result<String, String>,
     },
     /// A BroadcastChannel message posted by another runtime; `data` is JSON.
-    Deliver { channel: String, data: String },
+    Deliver {
+        channel: String,
+        data: String,
+    },
     Shutdown,
 }
 
@@ -62,11 +65,21 @@ pub enum FromWorker {
         args: String,
     },
     /// `BroadcastChannel.postMessage`; `data` is JSON.
-    Post { channel: String, data: String },
+    Post {
+        channel: String,
+        data: String,
+    },
     /// The runtime opened its first / closed its last BroadcastChannel of this name.
-    Subscribe { channel: String },
-    Unsubscribe { channel: String },
-    Log { level: LogLevel, message: String },
+    Subscribe {
+        channel: String,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+    Log {
+        level: LogLevel,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,11 +101,7 @@ pub enum ScriptErrorKind {
 
 impl ScriptError {
     pub fn exception(message: impl Into<String>) -> Self {
-        ScriptError {
-            kind: ScriptErrorKind::Exception,
-            message: message.into(),
-            stack: None,
-        }
+        ScriptError { kind: ScriptErrorKind::Exception, message: message.into(), stack: None }
     }
 }
 
@@ -141,8 +150,8 @@ pub fn encode<T: Serialize>(frame: &T) -> Result<Vec<u8>, CodecError> {
 }
 
 pub fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, CodecError> {
-    let (value, used) = bincode::serde::decode_from_slice(body, bincode_config())
-        .map_err(CodecError::Decode)?;
+    let (value, used) =
+        bincode::serde::decode_from_slice(body, bincode_config()).map_err(CodecError::Decode)?;
     if used != body.len() {
         return Err(CodecError::TrailingBytes(body.len() - used));
     }
@@ -168,10 +177,7 @@ pub struct FrameCodec<In, Out> {
 
 impl<In, Out> FrameCodec<In, Out> {
     pub fn new(max_frame_bytes: usize) -> Self {
-        FrameCodec {
-            framing: length_codec(max_frame_bytes),
-            _types: std::marker::PhantomData,
-        }
+        FrameCodec { framing: length_codec(max_frame_bytes), _types: std::marker::PhantomData }
     }
 }
 
@@ -211,11 +217,7 @@ mod tests {
         let mut gateway = GatewayCodec::new(1024);
         let mut worker = WorkerCodec::new(1024);
         let mut wire = BytesMut::new();
-        let call = ToWorker::Call {
-            id: 7,
-            function: "sendMessage".into(),
-            args: r#"["ann","hi"]"#.into(),
-        };
+        let call = ToWorker::Call { id: 7, function: "sendMessage".into(), args: r#"["ann","hi"]"#.into() };
         gateway.encode(call.clone(), &mut wire).unwrap();
         assert_eq!(worker.decode(&mut wire).unwrap(), Some(call));
         assert!(wire.is_empty());

@@ -108,7 +108,12 @@ pub fn encode<P: Serialize + ?Sized>(
 }
 
 /// A server push: no ref; `join_ref` null for broadcasts shared by all subscribers.
-pub fn push<P: Serialize + ?Sized>(join_ref: Option<&str>, topic: &str, event: &str, payload: &P) -> Utf8Bytes {
+pub fn push<P: Serialize + ?Sized>(
+    join_ref: Option<&str>,
+    topic: &str,
+    event: &str,
+    payload: &P,
+) -> Utf8Bytes {
     encode(join_ref, None, topic, event, payload)
 }
 

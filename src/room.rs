@@ -168,11 +168,7 @@ pub struct RoomSpec {
 }
 
 enum Request {
-    Call {
-        function: String,
-        args: String,
-        reply: oneshot::Sender<Result<String, RoomError>>,
-    },
+    Call { function: String, args: String, reply: oneshot::Sender<Result<String, RoomError>> },
     Shutdown,
 }
 
@@ -242,7 +238,8 @@ pub fn spawn(
     // spawn_blocking, whose threads come and go.
     let mut child = command.spawn()?;
     let pid = child.id().unwrap_or_default();
-    let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    let (Some(stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
         return Err(std::io::Error::other("worker started without piped stdio"));
     };
@@ -446,7 +443,8 @@ impl Actor {
                 let _ = ready.send(Ok(()));
             }
             FromWorker::StartFailed(error) => {
-                let ready = self.ready.take().ok_or_else(|| Violation("StartFailed after Ready".to_owned()))?;
+                let ready =
+                    self.ready.take().ok_or_else(|| Violation("StartFailed after Ready".to_owned()))?;
                 tracing::warn!(room = %self.spec.room, pid = self.pid, "room script failed to start: {}", error.message);
                 let _ = ready.send(Err(RoomError::Script(error)));
             }

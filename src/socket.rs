@@ -129,7 +129,11 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(&mut self, mut stream: SplitStream<WebSocket>, mut ended: mpsc::Receiver<ChannelEnded>) -> Closing {
+    async fn run(
+        &mut self,
+        mut stream: SplitStream<WebSocket>,
+        mut ended: mpsc::Receiver<ChannelEnded>,
+    ) -> Closing {
         let idle_timeout = self.ctx.config.idle_timeout();
         let mut idle_deadline = Instant::now() + idle_timeout;
         let overflowed = self.outbox.overflowed().clone();
@@ -193,7 +197,8 @@ impl Connection {
     fn on_malformed(&mut self, why: &str) -> Option<Closing> {
         self.malformed += 1;
         tracing::warn!(count = self.malformed, "dropped a frame: {why}");
-        (self.malformed > MAX_MALFORMED_FRAMES).then(|| closing(close_code::POLICY, "too many malformed frames"))
+        (self.malformed > MAX_MALFORMED_FRAMES)
+            .then(|| closing(close_code::POLICY, "too many malformed frames"))
     }
 
     fn join(&mut self, frame: Frame) {

@@ -24,7 +24,10 @@ type StartOutcome = Option<Result<RoomHandle, RoomError>>;
 
 enum Slot {
     /// A worker is being started; later users wait for the same outcome.
-    Starting { runtime: u64, outcome: watch::Receiver<StartOutcome> },
+    Starting {
+        runtime: u64,
+        outcome: watch::Receiver<StartOutcome>,
+    },
     Live(RoomHandle),
 }
 
@@ -149,7 +152,11 @@ impl Supervisor {
         }
     }
 
-    fn begin_start(&self, state: &mut State, id: &RoomId) -> Result<watch::Receiver<StartOutcome>, RoomError> {
+    fn begin_start(
+        &self,
+        state: &mut State,
+        id: &RoomId,
+    ) -> Result<watch::Receiver<StartOutcome>, RoomError> {
         if state.shutting_down {
             return Err(RoomError::Unavailable("the gateway is shutting down".to_owned()));
         }
@@ -196,7 +203,8 @@ impl Supervisor {
 
     async fn launch(&self, id: &RoomId, runtime: u64) -> Result<RoomHandle, RoomError> {
         let config = &self.inner.config;
-        let (script_name, script) = config.load_room_script().map_err(|e| RoomError::Unavailable(e.to_string()))?;
+        let (script_name, script) =
+            config.load_room_script().map_err(|e| RoomError::Unavailable(e.to_string()))?;
         let (worker_path, worker_argv0) = config
             .worker_command()
             .map_err(|e| RoomError::Unavailable(format!("cannot find the room-worker executable: {e}")))?;

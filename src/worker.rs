@@ -152,11 +152,8 @@ impl Pipe {
     fn read(&self, deadline: Option<Instant>) -> io::Result<Incoming> {
         let mut buffer = self.buffer.borrow_mut();
         loop {
-            if let Some(frame) = self
-                .codec
-                .borrow_mut()
-                .decode(&mut buffer)
-                .map_err(|e| protocol_error(e.to_string()))?
+            if let Some(frame) =
+                self.codec.borrow_mut().decode(&mut buffer).map_err(|e| protocol_error(e.to_string()))?
             {
                 return Ok(Incoming::Frame(frame));
             }

@@ -38,7 +38,9 @@ async fn a_message_reaches_everyone_in_the_room_and_nobody_else() {
     bob.join_ok("room:lobby").await;
     eve.join_ok("room:elsewhere").await;
 
-    let msg_ref = ann.push(Some(&ann_ref), "room:lobby", "send_message", json!({"sender": "ann", "text": "hi all"})).await;
+    let msg_ref = ann
+        .push(Some(&ann_ref), "room:lobby", "send_message", json!({"sender": "ann", "text": "hi all"}))
+        .await;
     let reply = ann.reply_to(&msg_ref).await;
     assert_eq!(reply["status"], "ok");
     let message = reply["response"].clone();
@@ -58,7 +60,10 @@ async fn heartbeat_gets_an_empty_ok_reply() {
     let gateway = Gateway::start(&[]);
     let mut client = gateway.connect().await;
     client.send(json!([null, "9", "phoenix", "heartbeat", {}])).await;
-    assert_eq!(client.recv().await, json!([null, "9", "phoenix", "phx_reply", {"status": "ok", "response": {}}]));
+    assert_eq!(
+        client.recv().await,
+        json!([null, "9", "phoenix", "phx_reply", {"status": "ok", "response": {}}])
+    );
 }
 
 #[tokio::test]
@@ -102,7 +107,8 @@ async fn a_second_join_closes_the_first() {
 async fn events_on_a_topic_not_joined_are_unmatched() {
     let gateway = Gateway::start(&[]);
     let mut client = gateway.connect().await;
-    let msg_ref = client.push(Some("1"), "room:nowhere", "send_message", json!({"sender": "a", "text": "b"})).await;
+    let msg_ref =
+        client.push(Some("1"), "room:nowhere", "send_message", json!({"sender": "a", "text": "b"})).await;
     assert_eq!(
         client.recv().await,
         json!(["1", msg_ref, "room:nowhere", "phx_reply", {"status": "error", "response": {"reason": "unmatched topic"}}])
@@ -116,7 +122,10 @@ async fn unknown_events_on_a_joined_room_are_refused() {
     let mut client = gateway.connect().await;
     let (join_ref, _) = client.join_ok("room:events").await;
     let msg_ref = client.push(Some(&join_ref), "room:events", "drop_tables", json!({})).await;
-    assert_eq!(client.reply_to(&msg_ref).await, json!({"status": "error", "response": {"reason": "unknown event"}}));
+    assert_eq!(
+        client.reply_to(&msg_ref).await,
+        json!({"status": "error", "response": {"reason": "unknown event"}})
+    );
 }
 
 #[tokio::test]
@@ -170,7 +179,8 @@ async fn killing_a_worker_resets_the_room_and_the_next_message_starts_a_fresh_on
         assert_eq!(reset[4]["reason"], "room worker exited");
     }
     assert!(gateway.log_contains(&format!("pid={old_pid}")), "the exit is logged with the pid");
-    common::wait_for(|| gateway.room_pid("phoenix").is_none().then_some(())).expect("the dead worker is unregistered");
+    common::wait_for(|| gateway.room_pid("phoenix").is_none().then_some(()))
+        .expect("the dead worker is unregistered");
     assert!(workers_of(gateway.pid()).iter().all(|p| p.pid != old_pid), "the killed worker was reaped");
 
     // Still joined: the next message starts a fresh runtime with empty state.

@@ -1,21 +1,16 @@
 //! The original design's room tests, over the library API: real worker processes, no sockets.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
-use roomvisor::config::Config;
-use roomvisor::pubsub::{Outbox, PubSub};
+use roomvisor::pubsub::Outbox;
 use roomvisor::room::{RoomError, RoomId};
 use roomvisor::supervisor::Supervisor;
 use serde_json::{json, Value};
 
 fn supervisor() -> Supervisor {
-    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("roomvisor=debug").try_init();
-    let mut config = Config::default();
-    config.worker_bin = Some(PathBuf::from(env!("CARGO_BIN_EXE_room-worker")));
-    config.room_script = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/rooms/chat-room.js"));
-    Supervisor::new(Arc::new(config), PubSub::new())
+    common::supervisor(&common::chat_script(), 1_000)
 }
 
 fn room(id: &str) -> RoomId {
@@ -95,7 +90,8 @@ async fn a_killed_worker_is_replaced_by_a_fresh_runtime() {
     let general = room("general");
     send(&sup, &general, "ann", "before the crash").await;
     let old_pid = sup.rooms()[0].pid;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old_pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old_pid as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
     // The supervisor reaps the worker and drops it from the registry.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while !sup.rooms().is_empty() {

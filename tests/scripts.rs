@@ -81,7 +81,7 @@ async fn the_default_room_broadcasts_through_its_broadcast_channel() {
 #[tokio::test]
 async fn broadcast_channel_posts_reach_other_runtimes_but_not_the_poster() {
     let script = script_file("lobby.js", LOBBY_ROOM);
-    let supervisor = common_supervisor(&script);
+    let supervisor = common::supervisor(&script, 200);
     let (a, b, c) = (room("a"), room("b"), room("c"));
     for r in [&a, &b, &c] {
         supervisor.call(r, "whatDidIHear", "[]".into()).await.unwrap();
@@ -93,13 +93,15 @@ async fn broadcast_channel_posts_reach_other_runtimes_but_not_the_poster() {
     for r in [&b, &c] {
         let heard = common::wait_for_async(|| async {
             let heard: serde_json::Value =
-                serde_json::from_str(&supervisor.call(r, "whatDidIHear", "[]".into()).await.unwrap()).unwrap();
+                serde_json::from_str(&supervisor.call(r, "whatDidIHear", "[]".into()).await.unwrap())
+                    .unwrap();
             (heard == expected).then_some(heard)
         })
         .await;
         assert!(heard.is_some(), "room {r} never heard the post");
     }
-    let own: serde_json::Value = serde_json::from_str(&supervisor.call(&a, "whatDidIHear", "[]".into()).await.unwrap()).unwrap();
+    let own: serde_json::Value =
+        serde_json::from_str(&supervisor.call(&a, "whatDidIHear", "[]".into()).await.unwrap()).unwrap();
     assert_eq!(own, json!([]), "the poster does not hear itself");
     supervisor.shutdown(Duration::from_secs(5)).await;
 }
@@ -107,7 +109,7 @@ async fn broadcast_channel_posts_reach_other_runtimes_but_not_the_poster() {
 #[tokio::test]
 async fn script_errors_host_calls_timers_and_budgets() {
     let script = script_file("lobby.js", LOBBY_ROOM);
-    let supervisor = common_supervisor(&script);
+    let supervisor = common::supervisor(&script, 200);
     let r = room("api");
 
     let error = supervisor.call(&r, "callUnknownHandler", "[]".into()).await.unwrap_err();
@@ -127,7 +129,8 @@ async fn script_errors_host_calls_timers_and_budgets() {
     let frame = tokio::time::timeout(Duration::from_secs(5), frames.recv()).await.unwrap().unwrap();
     assert_eq!(frame.as_str(), r#"[null,null,"room:api","new_message",{"text":"async"}]"#);
 
-    let waited: serde_json::Value = serde_json::from_str(&supervisor.call(&r, "later", "[100]".into()).await.unwrap()).unwrap();
+    let waited: serde_json::Value =
+        serde_json::from_str(&supervisor.call(&r, "later", "[100]".into()).await.unwrap()).unwrap();
     assert!(waited["waited"].as_u64().unwrap() >= 100, "{waited}");
     assert!(waited["ticks"].as_u64().unwrap() >= 5, "the interval kept firing: {waited}");
 
@@ -172,12 +175,4 @@ async fn a_script_with_a_syntax_error_fails_the_join_without_a_respawn_loop() {
 
 fn room(id: &str) -> roomvisor::room::RoomId {
     roomvisor::room::RoomId::parse(id).unwrap()
-}
-
-fn common_supervisor(script: &std::path::Path) -> roomvisor::supervisor::Supervisor {
-    let mut config = roomvisor::config::Config::default();
-    config.worker_bin = Some(env!("CARGO_BIN_EXE_room-worker").into());
-    config.room_script = script.to_path_buf();
-    config.js_cpu_ms = 200;
-    roomvisor::supervisor::Supervisor::new(std::sync::Arc::new(config), roomvisor::pubsub::PubSub::new())
 }

@@ -111,10 +111,8 @@ impl Engine {
                 .eval_with_options(PRELUDE, eval_options("prelude.js", true))
                 .catch(&ctx)
                 .map_err(|e| to_script_error(e, &budget))?;
-            let hooks: Object = install
-                .call((natives, room_id))
-                .catch(&ctx)
-                .map_err(|e| to_script_error(e, &budget))?;
+            let hooks: Object =
+                install.call((natives, room_id)).catch(&ctx).map_err(|e| to_script_error(e, &budget))?;
             ctx.eval_with_options::<(), _>(script, eval_options(script_name, false))
                 .catch(&ctx)
                 .map_err(|e| with_location(to_script_error(e, &budget)))?;
@@ -214,12 +212,8 @@ impl Engine {
     ) -> Result<T, ScriptError> {
         self.budget.start();
         let result = self.context.with(|ctx| {
-            let hooks = self
-                .hooks
-                .clone()
-                .restore(&ctx)
-                .catch(&ctx)
-                .map_err(|e| to_script_error(e, &self.budget))?;
+            let hooks =
+                self.hooks.clone().restore(&ctx).catch(&ctx).map_err(|e| to_script_error(e, &self.budget))?;
             task(hooks).catch(&ctx).map_err(|e| to_script_error(e, &self.budget))
         });
         self.run_jobs();
@@ -258,10 +252,7 @@ fn eval_options(filename: &str, strict: bool) -> EvalOptions {
 }
 
 fn epoch_ms() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64() * 1000.0)
-        .unwrap_or(0.0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0)
 }
 
 /// The natives the prelude builds the script API on. They are passed to the prelude, never
@@ -280,9 +271,7 @@ fn natives<'js>(ctx: &Ctx<'js>, host: Rc<dyn Host>) -> rquickjs::Result<Object<'
     let h = host.clone();
     natives.set(
         "hostCallAsync",
-        Function::new(ctx.clone(), move |name: String, args: String| {
-            h.host_call_async(&name, &args) as f64
-        })?,
+        Function::new(ctx.clone(), move |name: String, args: String| h.host_call_async(&name, &args) as f64)?,
     )?;
     let h = host.clone();
     natives.set(
@@ -290,15 +279,10 @@ fn natives<'js>(ctx: &Ctx<'js>, host: Rc<dyn Host>) -> rquickjs::Result<Object<'
         Function::new(ctx.clone(), move |channel: String, data: String| h.post(&channel, &data))?,
     )?;
     let h = host.clone();
-    natives.set(
-        "subscribe",
-        Function::new(ctx.clone(), move |channel: String| h.subscribe(&channel))?,
-    )?;
+    natives.set("subscribe", Function::new(ctx.clone(), move |channel: String| h.subscribe(&channel))?)?;
     let h = host.clone();
-    natives.set(
-        "unsubscribe",
-        Function::new(ctx.clone(), move |channel: String| h.unsubscribe(&channel))?,
-    )?;
+    natives
+        .set("unsubscribe", Function::new(ctx.clone(), move |channel: String| h.unsubscribe(&channel))?)?;
     let h = host.clone();
     natives.set(
         "log",
@@ -380,10 +364,8 @@ fn script_error_from_value(value: &rquickjs::Value<'_>, budget: &CpuBudget) -> S
         return timeout_error(budget);
     }
     let message = describe_value(value);
-    let stack = value
-        .as_object()
-        .and_then(|o| rquickjs::Exception::from_object(o.clone()))
-        .and_then(|e| e.stack());
+    let stack =
+        value.as_object().and_then(|o| rquickjs::Exception::from_object(o.clone())).and_then(|e| e.stack());
     ScriptError { kind: classify_message(&message), message, stack }
 }
 
@@ -396,10 +378,7 @@ fn timeout_error(budget: &CpuBudget) -> ScriptError {
 }
 
 fn describe_value(value: &rquickjs::Value<'_>) -> String {
-    if let Some(exception) = value
-        .as_object()
-        .and_then(|o| rquickjs::Exception::from_object(o.clone()))
-    {
+    if let Some(exception) = value.as_object().and_then(|o| rquickjs::Exception::from_object(o.clone())) {
         return exception.message().unwrap_or_else(|| "exception".to_owned());
     }
     if let Some(s) = value.as_string().and_then(|s| s.to_string().ok()) {

@@ -83,11 +83,7 @@ impl Gateway {
     }
 
     pub fn room_pid(&self, id: &str) -> Option<u32> {
-        self.rooms()
-            .iter()
-            .find(|r| r["id"] == id)
-            .and_then(|r| r["pid"].as_u64())
-            .map(|p| p as u32)
+        self.rooms().iter().find(|r| r["id"] == id).and_then(|r| r["pid"].as_u64()).map(|p| p as u32)
     }
 
     /// Waits until the registry shows the room with a worker, and returns its pid.
@@ -151,7 +147,9 @@ pub fn wait_for<T>(mut probe: impl FnMut() -> Option<T>) -> Option<T> {
     None
 }
 
-pub async fn wait_for_async<T, F: std::future::Future<Output = Option<T>>>(mut probe: impl FnMut() -> F) -> Option<T> {
+pub async fn wait_for_async<T, F: std::future::Future<Output = Option<T>>>(
+    mut probe: impl FnMut() -> F,
+) -> Option<T> {
     let deadline = Instant::now() + WAIT;
     while Instant::now() < deadline {
         if let Some(value) = probe().await {
@@ -207,7 +205,8 @@ impl Client {
     }
 
     pub async fn send_message(&mut self, join_ref: &str, topic: &str, sender: &str, text: &str) -> Value {
-        let msg_ref = self.push(Some(join_ref), topic, "send_message", json!({"sender": sender, "text": text})).await;
+        let msg_ref =
+            self.push(Some(join_ref), topic, "send_message", json!({"sender": sender, "text": text})).await;
         self.reply_to(&msg_ref).await
     }
 
@@ -228,7 +227,9 @@ impl Client {
         loop {
             let message = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()??;
             match message {
-                Ok(Message::Text(text)) => return Some(serde_json::from_str(&text).expect("frames are JSON")),
+                Ok(Message::Text(text)) => {
+                    return Some(serde_json::from_str(&text).expect("frames are JSON"))
+                }
                 Ok(Message::Close(frame)) => panic!("socket closed: {frame:?}"),
                 Ok(_) => continue,
                 Err(e) => panic!("socket error: {e}"),
@@ -263,7 +264,9 @@ impl Client {
     /// Asserts that no frame with this event arrives within `within`.
     pub async fn assert_no_event(&mut self, event: &str, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
-        while let Some(frame) = self.try_recv(deadline.saturating_duration_since(tokio::time::Instant::now())).await {
+        while let Some(frame) =
+            self.try_recv(deadline.saturating_duration_since(tokio::time::Instant::now())).await
+        {
             assert_ne!(frame[3], event, "unexpected {event}: {frame}");
         }
     }
@@ -361,4 +364,20 @@ pub fn http_get_head(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> 
     let head = String::from_utf8_lossy(&head).into_owned();
     let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     (status, head)
+}
+
+/// A supervisor in this test process, running real room-worker processes: the library API
+/// without sockets.
+pub fn supervisor(script: &Path, js_cpu_ms: u64) -> roomvisor::supervisor::Supervisor {
+    let config = roomvisor::config::Config {
+        worker_bin: Some(PathBuf::from(env!("CARGO_BIN_EXE_room-worker"))),
+        room_script: script.to_path_buf(),
+        js_cpu_ms,
+        ..Default::default()
+    };
+    roomvisor::supervisor::Supervisor::new(Arc::new(config), roomvisor::pubsub::PubSub::new())
+}
+
+pub fn chat_script() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/rooms/chat-room.js"))
 }
