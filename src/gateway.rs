@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
@@ -67,6 +68,13 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     tracing::info!(pid = std::process::id(), "listening on http://{address}");
 
     let trigger = shutdown.clone();
+    // Chat frames are small and latency-bound: without TCP_NODELAY, Nagle's algorithm meets
+    // the client's delayed ACK and a reply can wait ~40 ms.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
+    });
     let serving = axum::serve(listener, http::router(state)).with_graceful_shutdown(async move {
         match termination_signal().await {
             Ok(signal) => tracing::info!("{signal} received; shutting down"),

@@ -65,10 +65,12 @@ fn thread_cpu_time() -> Duration {
         .unwrap_or_default()
 }
 
+/// Fields drop in declaration order, and QuickJS asserts that no object outlives its runtime:
+/// the hooks go first, the runtime last.
 pub struct Engine {
-    runtime: Runtime,
-    context: Context,
     hooks: Persistent<Object<'static>>,
+    context: Context,
+    runtime: Runtime,
     budget: Rc<CpuBudget>,
     host: Rc<dyn Host>,
 }
@@ -118,7 +120,7 @@ impl Engine {
                 .map_err(|e| with_location(to_script_error(e, &budget)))?;
             Ok(Persistent::save(&ctx, hooks))
         });
-        let engine = Engine { runtime, context, hooks: hooks?, budget, host };
+        let engine = Engine { hooks: hooks?, context, runtime, budget, host };
         engine.run_jobs();
         engine.budget.stop();
         Ok(engine)

@@ -67,7 +67,8 @@ impl Gateway {
 
     pub async fn connect(&self) -> Client {
         let url = format!("ws://{}/socket/websocket?vsn=2.0.0", self.addr);
-        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connects");
+        let (ws, _) =
+            tokio_tungstenite::connect_async_with_config(url, None, true).await.expect("websocket connects");
         Client { ws, next_ref: 0, skipped: Default::default() }
     }
 
