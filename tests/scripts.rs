@@ -42,6 +42,7 @@ function later(ms) {
   });
 }
 function spin() { for (;;) {} }
+function hog() { const held = []; for (;;) held.push(new Array(1 << 16).fill(held.length)); }
 function throwing() { throw new TypeError("nope, says the script"); }
 function microtaskOrder() {
   const order = [];
@@ -137,6 +138,9 @@ async fn script_errors_host_calls_timers_and_budgets() {
     assert_eq!(supervisor.call(&r, "microtaskOrder", "[]".into()).await.unwrap(), r#"["sync","microtask"]"#);
 
     let pid = supervisor.rooms()[0].pid;
+    let error = supervisor.call(&r, "hog", "[]".into()).await.unwrap_err();
+    assert_eq!(error.reason(), "out of memory");
+    assert_eq!(supervisor.rooms()[0].pid, pid, "the runtime survives its heap limit");
     let error = supervisor.call(&r, "spin", "[]".into()).await.unwrap_err();
     assert_eq!(error.reason(), "timeout");
     // The runtime survived the interrupted call, state and process alike.
