@@ -365,14 +365,13 @@ impl Actor {
                 self.in_flight.first_key_value().map(|(_, call)| call.sent_at)
             };
             let unresponsive_at = waiting_since.map(|since| since + self.spec.hard_timeout);
+            // Biased: the gateway's own deadlines first, so a worker flooding frames cannot
+            // starve them; then the worker's frames before its exit, so its last words (a
+            // StartFailed, a Reply) are never lost to a race with the exit.
             tokio::select! {
-                status = self.child.wait() => {
-                    return match status {
-                        Ok(_) if self.shutting_down => ExitReason::Requested,
-                        Ok(status) => ExitReason::Exited(status),
-                        Err(e) => ExitReason::ProtocolViolation(format!("waiting for the worker failed: {e}")),
-                    };
-                }
+                biased;
+                () = self.kill.cancelled() => return ExitReason::Killed("asked to stop"),
+                () = sleep_until_opt(unresponsive_at) => return ExitReason::Unresponsive,
                 frame = self.reader.next() => match frame {
                     Some(Ok(frame)) => {
                         if let Err(Violation(why)) = self.handle_frame(frame).await {
@@ -410,10 +409,28 @@ impl Actor {
                         return reason;
                     }
                 }
-                () = sleep_until_opt(unresponsive_at) => return ExitReason::Unresponsive,
-                () = self.kill.cancelled() => return ExitReason::Killed("asked to stop"),
+                status = self.child.wait() => {
+                    if let Err(Violation(why)) = self.drain_frames().await {
+                        return ExitReason::ProtocolViolation(why);
+                    }
+                    return match status {
+                        Ok(_) if self.shutting_down => ExitReason::Requested,
+                        Ok(status) => ExitReason::Exited(status),
+                        Err(e) => ExitReason::ProtocolViolation(format!("waiting for the worker failed: {e}")),
+                    };
+                }
             }
         }
+    }
+
+    /// Handles what the worker wrote before it exited; its stdout is closed, so this ends at
+    /// EOF (bounded anyway, in case a stray process inherited the pipe).
+    async fn drain_frames(&mut self) -> Result<(), Violation> {
+        while let Ok(Some(frame)) = timeout(self.spec.hard_timeout, self.reader.next()).await {
+            let frame = frame.map_err(|e| Violation(e.to_string()))?;
+            self.handle_frame(frame).await?;
+        }
+        Ok(())
     }
 
     async fn await_exit(&mut self) -> ExitReason {

@@ -63,9 +63,24 @@ pub async fn serve(socket: WebSocket, ctx: SocketContext) {
         ended_tx,
         malformed: 0,
     };
-    let close = connection.run(stream, ended_rx).await;
+    let mut stream = stream;
+    let close = connection.run(&mut stream, ended_rx).await;
     drop(connection);
+    let server_closing = close.is_some();
     let _ = close_tx.send(close);
+    if server_closing {
+        // The closing handshake: read (and drop) what the client still sends until its Close
+        // arrives. Dropping the TCP connection with unread input would make the kernel send a
+        // reset, and the client would never see our close code.
+        let _ = tokio::time::timeout(CLOSE_FLUSH, async {
+            while let Some(Ok(message)) = stream.next().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
     let mut writer = writer;
     if tokio::time::timeout(CLOSE_FLUSH, &mut writer).await.is_err() {
         writer.abort();
@@ -131,7 +146,7 @@ struct Connection {
 impl Connection {
     async fn run(
         &mut self,
-        mut stream: SplitStream<WebSocket>,
+        stream: &mut SplitStream<WebSocket>,
         mut ended: mpsc::Receiver<ChannelEnded>,
     ) -> Closing {
         let idle_timeout = self.ctx.config.idle_timeout();

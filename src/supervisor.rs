@@ -185,15 +185,18 @@ impl Supervisor {
                     Ok(handle) if still_ours => {
                         state.rooms.insert(id.clone(), Slot::Live(handle.clone()));
                     }
-                    Err(error) if still_ours => {
-                        state.rooms.remove(&id);
-                        // Counted before anyone hears of the failure, so that a client
-                        // retrying at once already meets the crash-loop guard.
+                    Ok(_) => {}
+                    Err(error) => {
+                        if still_ours {
+                            state.rooms.remove(&id);
+                        }
+                        // Counted here, before anyone hears of the failure, so that a client
+                        // retrying at once already meets the crash-loop guard; and counted
+                        // even when the worker's monitor cleared the slot first.
                         if !matches!(error, RoomError::Unavailable(_)) {
                             supervisor.record_crash(&mut state, &id);
                         }
                     }
-                    _ => {}
                 }
             }
             let _ = done.send(Some(result));

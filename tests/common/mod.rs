@@ -19,6 +19,7 @@ pub struct Gateway {
     pub child: Child,
     pub addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
+    log_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Gateway {
@@ -41,7 +42,7 @@ impl Gateway {
         let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("piped stderr");
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let log_reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[gateway] {line}");
                 sink.lock().unwrap().push(line);
@@ -58,7 +59,7 @@ impl Gateway {
             .unwrap_or_else(|| panic!("no address in {line:?}"));
         // Keep draining stdout so the gateway never blocks on a full pipe.
         std::thread::spawn(move || for _ in stdout.lines() {});
-        Gateway { child, addr, log }
+        Gateway { child, addr, log, log_reader: Some(log_reader) }
     }
 
     pub fn pid(&self) -> u32 {
@@ -92,7 +93,23 @@ impl Gateway {
         wait_for(|| self.room_pid(id)).unwrap_or_else(|| panic!("room {id} never showed up"))
     }
 
+    /// Waits (up to [`WAIT`]) for a log line containing `needle`: lines arrive through a
+    /// reader thread, a little after the event they describe.
     pub fn log_contains(&self, needle: &str) -> bool {
+        wait_for(|| self.logged(needle).then_some(())).is_some()
+    }
+
+    /// Whether the whole log, once the gateway has exited and its stderr is drained, lacks
+    /// `needle`.
+    pub fn log_lacks_after_exit(&mut self, needle: &str) -> bool {
+        assert!(self.child.try_wait().expect("try_wait").is_some(), "the gateway is still running");
+        if let Some(reader) = self.log_reader.take() {
+            reader.join().expect("the log reader ends at EOF");
+        }
+        !self.logged(needle)
+    }
+
+    fn logged(&self, needle: &str) -> bool {
         self.log.lock().unwrap().iter().any(|l| l.contains(needle))
     }
 
@@ -120,21 +137,44 @@ impl Drop for Gateway {
     }
 }
 
-/// A minimal HTTP/1.1 GET; returns the status code and the body.
-pub fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+/// Sends a GET and returns the open stream.
+fn send_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> TcpStream {
     let mut stream = TcpStream::connect(addr).expect("connect");
     stream.set_read_timeout(Some(WAIT)).unwrap();
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
     request.push_str("\r\n");
     stream.write_all(request.as_bytes()).unwrap();
+    stream
+}
+
+fn status_of(response: &str) -> u16 {
+    response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// A minimal HTTP/1.1 GET; returns the status code and the body.
+pub fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut with_close = headers.to_vec();
+    with_close.push(("Connection", "close"));
     let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    send_get(addr, path, &with_close).read_to_string(&mut response).unwrap();
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    (status, body)
+    (status_of(&response), body)
+}
+
+/// Like [`http_get`], but reads only the status line and headers (for 101 responses, whose
+/// connection stays open).
+pub fn http_get_head(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut stream = send_get(addr, path, headers);
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    (status_of(&head), head)
 }
 
 pub fn wait_for<T>(mut probe: impl FnMut() -> Option<T>) -> Option<T> {
@@ -279,7 +319,11 @@ impl Client {
             match tokio::time::timeout_at(deadline, self.ws.next()).await {
                 Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| u16::from(f.code)),
                 Ok(Some(Ok(_))) => continue,
-                Ok(Some(Err(_))) | Ok(None) => return None,
+                Ok(Some(Err(e))) => {
+                    eprintln!("socket ended with an error instead of a close frame: {e}");
+                    return None;
+                }
+                Ok(None) => return None,
                 Err(_) => panic!("the socket was not closed in time"),
             }
         }
@@ -344,27 +388,6 @@ fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed)
-}
-
-/// Like [`http_get`], but reads only the status line and headers (for 101 responses, whose
-/// connection stays open).
-pub fn http_get_head(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n");
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, head)
 }
 
 /// A supervisor in this test process, running real room-worker processes: the library API
