@@ -184,6 +184,46 @@ async fn assert_no_workers_stay(gateway: &Gateway) {
     assert!(workers_of(gateway.pid()).is_empty(), "a worker was respawned on its own");
 }
 
+#[tokio::test]
+async fn a_call_left_unanswered_times_out_and_the_worker_is_killed_at_the_hard_limit() {
+    // A promise that never settles: the worker is idle, but the call is never answered.
+    let script = script_file(
+        "hang.js",
+        r#"
+        function getHistory() { return []; }
+        function sendMessage(sender, text) {
+          if (text === "hang") return new Promise(() => {});
+          return { id: 1, sender, text, timestamp: Date.now() };
+        }
+        "#,
+    );
+    let gateway = Gateway::start(&[
+        "--room-script",
+        script.to_str().unwrap(),
+        "--call-timeout-ms",
+        "300",
+        "--hard-timeout-ms",
+        "1000",
+    ]);
+    let mut client = gateway.connect().await;
+    let (join_ref, _) = client.join_ok("room:stuck").await;
+    let pid = gateway.wait_room_pid("stuck");
+
+    let started = std::time::Instant::now();
+    let reply = client.send_message(&join_ref, "room:stuck", "ann", "hang").await;
+    assert_eq!(reply, json!({"status": "error", "response": {"reason": "timeout"}}));
+    assert!(started.elapsed() < Duration::from_millis(900), "the caller is not held to the hard limit");
+
+    let reset = client.next_event("room_reset").await;
+    assert_eq!(reset[4]["reason"], "room worker exited");
+    assert!(gateway.log_contains("unresponsive past the hard timeout"));
+    common::wait_for(|| (!common::is_alive(pid)).then_some(())).expect("the unresponsive worker was killed");
+
+    let reply = client.send_message(&join_ref, "room:stuck", "ann", "fine").await;
+    assert_eq!(reply["status"], "ok", "the next message starts a fresh runtime: {reply}");
+    assert_ne!(gateway.wait_room_pid("stuck"), pid);
+}
+
 fn room(id: &str) -> roomvisor::room::RoomId {
     roomvisor::room::RoomId::parse(id).unwrap()
 }

@@ -202,11 +202,6 @@ impl Engine {
         Some(Instant::now() + Duration::from_secs_f64(wait_ms / 1000.0))
     }
 
-    /// Heap in use, for the gateway's metrics.
-    pub fn heap_bytes(&self) -> i64 {
-        self.runtime.memory_usage().memory_used_size
-    }
-
     /// One macrotask: a fresh CPU budget, the task, then the microtasks it queued.
     fn turn<T>(
         &self,
