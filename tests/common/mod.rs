@@ -96,7 +96,7 @@ impl Gateway {
     /// Waits (up to [`WAIT`]) for a log line containing `needle`: lines arrive through a
     /// reader thread, a little after the event they describe.
     pub fn log_contains(&self, needle: &str) -> bool {
-        wait_for(|| self.logged(needle).then_some(())).is_some()
+        wait_for(|| self.log_contains_now(needle).then_some(())).is_some()
     }
 
     /// Whether the whole log, once the gateway has exited and its stderr is drained, lacks
@@ -106,10 +106,11 @@ impl Gateway {
         if let Some(reader) = self.log_reader.take() {
             reader.join().expect("the log reader ends at EOF");
         }
-        !self.logged(needle)
+        !self.log_contains_now(needle)
     }
 
-    fn logged(&self, needle: &str) -> bool {
+    /// Whether a line containing `needle` has been read so far.
+    pub fn log_contains_now(&self, needle: &str) -> bool {
         self.log.lock().unwrap().iter().any(|l| l.contains(needle))
     }
 

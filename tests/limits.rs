@@ -1,0 +1,81 @@
+//! The limits of design §6 that the README promises, each over a real socket.
+
+mod common;
+
+use common::Gateway;
+use serde_json::json;
+
+#[tokio::test]
+async fn inbound_frames_past_the_rate_limit_get_an_error_reply() {
+    let gateway = Gateway::start(&["--rate-per-sec", "1", "--rate-burst", "3"]);
+    let mut client = gateway.connect().await;
+    for i in 0..5 {
+        client.send(json!([null, format!("hb{i}"), "phoenix", "heartbeat", {}])).await;
+    }
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        let reply = client.reply_to(&format!("hb{i}")).await;
+        statuses.push(
+            reply["response"]["reason"].as_str().unwrap_or(reply["status"].as_str().unwrap()).to_owned(),
+        );
+    }
+    assert_eq!(statuses, ["ok", "ok", "ok", "rate limited", "rate limited"]);
+}
+
+#[tokio::test]
+async fn joins_past_the_live_room_limit_are_refused() {
+    let gateway = Gateway::start(&["--max-rooms", "2"]);
+    let mut client = gateway.connect().await;
+    client.join_ok("room:first").await;
+    client.join_ok("room:second").await;
+    let (_, reply) = client.join("room:third").await;
+    assert_eq!(reply, json!({"status": "error", "response": {"reason": "room limit reached"}}));
+    assert_eq!(gateway.rooms().len(), 2);
+    // A live room can still be joined by others.
+    let mut other = gateway.connect().await;
+    other.join_ok("room:first").await;
+}
+
+#[tokio::test]
+async fn joins_past_the_channel_limit_of_a_socket_are_refused() {
+    let gateway = Gateway::start(&["--max-channels-per-socket", "2"]);
+    let mut client = gateway.connect().await;
+    client.join_ok("room:c1").await;
+    client.join_ok("room:c2").await;
+    let (_, reply) = client.join("room:c3").await;
+    assert_eq!(reply["status"], "error");
+    assert_eq!(reply["response"]["reason"], "too many channels on this socket");
+    // Rejoining a topic already joined replaces it and does not count twice.
+    client.join_ok("room:c2").await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_disconnected_and_the_rest_of_the_room_keeps_up() {
+    let gateway =
+        Gateway::start(&["--outbound-queue", "16", "--rate-per-sec", "100000", "--rate-burst", "100000"]);
+    let mut slow = gateway.connect().await;
+    let mut sender = gateway.connect().await;
+    slow.join_ok("room:fanout").await;
+    let (join_ref, _) = sender.join_ok("room:fanout").await;
+
+    // Enough bulk to fill the slow client's socket buffers and then its queue.
+    let text = "x".repeat(3900);
+    let mut sent = 0;
+    while !gateway.log_contains_now("does not keep up") {
+        assert!(sent < 5000, "the slow client was never disconnected");
+        let reply = sender.send_message(&join_ref, "room:fanout", "bulk", &text).await;
+        assert_eq!(reply["status"], "ok");
+        sent += 1;
+    }
+    // The sender received every one of its own broadcasts, none dropped for the slow one.
+    for _ in 0..sent {
+        sender.next_event("new_message").await;
+    }
+    let reply = sender.send_message(&join_ref, "room:fanout", "bulk", "after").await;
+    assert_eq!(reply["status"], "ok");
+    let after = sender.recv_until(|f| f[3] == "new_message" && f[4]["text"] == "after").await;
+    assert_eq!(after[4]["sender"], "bulk");
+    common::wait_for(|| (gateway.rooms()[0]["subscribers"] == 1).then_some(()))
+        .expect("the slow client was unsubscribed");
+    drop(slow);
+}
