@@ -65,9 +65,12 @@ pub async fn serve(socket: WebSocket, ctx: SocketContext) {
     };
     let mut stream = stream;
     let close = connection.run(&mut stream, ended_rx).await;
-    drop(connection);
     let server_closing = close.is_some();
+    // Hand the writer its close frame before the outbound queue closes (dropping the
+    // connection drops its senders): a writer that saw the queue end first would close
+    // without our code.
     let _ = close_tx.send(close);
+    drop(connection);
     if server_closing {
         // The closing handshake: read (and drop) what the client still sends until its Close
         // arrives. Dropping the TCP connection with unread input would make the kernel send a
