@@ -72,7 +72,7 @@ async fn rooms(State(state): State<AppState>) -> impl IntoResponse {
 
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     let status = if state.socket.shutdown.is_triggered() { "shutting down" } else { "ok" };
-    Json(json!({ "status": status, "rooms": state.socket.supervisor.rooms().len() }))
+    Json(json!({ "status": status, "rooms": state.socket.supervisor.live_room_count() }))
 }
 
 #[cfg(test)]

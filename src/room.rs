@@ -413,11 +413,7 @@ impl Actor {
                     if let Err(Violation(why)) = self.drain_frames().await {
                         return ExitReason::ProtocolViolation(why);
                     }
-                    return match status {
-                        Ok(_) if self.shutting_down => ExitReason::Requested,
-                        Ok(status) => ExitReason::Exited(status),
-                        Err(e) => ExitReason::ProtocolViolation(format!("waiting for the worker failed: {e}")),
-                    };
+                    return self.exit_reason(status);
                 }
             }
         }
@@ -435,10 +431,17 @@ impl Actor {
 
     async fn await_exit(&mut self) -> ExitReason {
         match timeout(self.spec.hard_timeout, self.child.wait()).await {
-            Ok(Ok(_)) if self.shutting_down => ExitReason::Requested,
-            Ok(Ok(status)) => ExitReason::Exited(status),
-            Ok(Err(e)) => ExitReason::ProtocolViolation(format!("waiting for the worker failed: {e}")),
+            Ok(waited) => self.exit_reason(waited),
             Err(_) => ExitReason::ProtocolViolation("closed stdout but did not exit".to_owned()),
+        }
+    }
+
+    /// Why the worker ended, from its reaped status: an exit the gateway asked for is not a crash.
+    fn exit_reason(&self, waited: std::io::Result<ExitStatus>) -> ExitReason {
+        match waited {
+            Ok(_) if self.shutting_down => ExitReason::Requested,
+            Ok(status) => ExitReason::Exited(status),
+            Err(e) => ExitReason::ProtocolViolation(format!("waiting for the worker failed: {e}")),
         }
     }
 

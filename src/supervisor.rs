@@ -130,6 +130,11 @@ impl Supervisor {
         rooms
     }
 
+    /// How many rooms have a live worker.
+    pub fn live_room_count(&self) -> usize {
+        self.lock().rooms.values().filter(|slot| matches!(slot, Slot::Live(_))).count()
+    }
+
     /// Asks every worker to exit, waits up to `grace`, then kills what is left; returns once
     /// every worker is reaped.
     pub async fn shutdown(&self, grace: Duration) {
