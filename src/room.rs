@@ -182,6 +182,9 @@ pub struct RoomHandle {
     commands: mpsc::Sender<Request>,
     kill: CancellationToken,
     calls: Arc<AtomicU64>,
+    /// When a caller last asked for this room (ms since the epoch): the least recently used
+    /// idle room is the one evicted when the room limit is reached.
+    last_used_ms: Arc<AtomicU64>,
     call_timeout: Duration,
 }
 
@@ -189,6 +192,7 @@ impl RoomHandle {
     /// Calls a top-level function of the room script. `args_json` is a JSON array; the
     /// result is JSON. Calls run one at a time, in the order they were made.
     pub async fn call(&self, function: &str, args_json: String) -> Result<String, RoomError> {
+        self.last_used_ms.store(epoch_ms(), Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         let command = Request::Call { function: function.to_owned(), args: args_json, reply };
         let exchange = async {
@@ -209,6 +213,10 @@ impl RoomHandle {
 
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
+    }
+
+    pub fn last_used_ms(&self) -> u64 {
+        self.last_used_ms.load(Ordering::Relaxed)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -250,14 +258,16 @@ pub fn spawn(
     let (ready_tx, ready) = oneshot::channel();
     let kill = CancellationToken::new();
     let calls = Arc::new(AtomicU64::new(0));
+    let started_at_ms = epoch_ms();
     let handle = RoomHandle {
         room: spec.room.clone(),
         runtime: spec.runtime,
         pid,
-        started_at_ms: epoch_ms(),
+        started_at_ms,
         commands: commands_tx,
         kill: kill.clone(),
         calls: calls.clone(),
+        last_used_ms: Arc::new(AtomicU64::new(started_at_ms)),
         call_timeout: spec.call_timeout,
     };
     let max_frame = usize::try_from(spec.limits.max_frame_bytes).unwrap_or(usize::MAX);

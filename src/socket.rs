@@ -258,7 +258,13 @@ impl Connection {
 
     fn route(&mut self, frame: Frame) {
         let Some(channel) = self.channels.get(&frame.topic) else {
-            self.outbox.send(frame.reply_error("unmatched topic"));
+            // Leaving what is already gone succeeds, as in Phoenix: a client whose channel
+            // the server closed must not wait out its push timeout to finish leaving.
+            if frame.event == phoenix::PHX_LEAVE {
+                self.outbox.send(frame.reply(&Reply::ok_empty()));
+            } else {
+                self.outbox.send(frame.reply_error("unmatched topic"));
+            }
             return;
         };
         if frame.join_ref.is_some() && frame.join_ref != channel.join_ref {

@@ -170,7 +170,7 @@ impl Supervisor {
                 return Err(RoomError::CrashLooping);
             }
         }
-        if state.rooms.len() >= self.inner.config.max_rooms {
+        if state.rooms.len() >= self.inner.config.max_rooms && !self.evict_idle_room(state, id) {
             return Err(RoomError::RoomLimit);
         }
         let runtime = self.inner.next_runtime.fetch_add(1, Ordering::Relaxed);
@@ -207,6 +207,33 @@ impl Supervisor {
             let _ = done.send(Some(result));
         });
         Ok(outcome)
+    }
+
+    /// Makes space at the room limit by stopping the least recently used room that no socket
+    /// has joined, so a flood of one-off room ids cannot lock everyone else out; rooms that
+    /// someone is in are never evicted. The evicted room's state is gone, as after a restart.
+    fn evict_idle_room(&self, state: &mut State, for_room: &RoomId) -> bool {
+        let pubsub = &self.inner.pubsub;
+        let victim = state
+            .rooms
+            .iter()
+            .filter_map(|(id, slot)| match slot {
+                Slot::Live(handle) if pubsub.socket_count(&id.topic()) == 0 => Some(handle),
+                _ => None,
+            })
+            .min_by_key(|handle| handle.last_used_ms())
+            .cloned();
+        let Some(victim) = victim else { return false };
+        state.rooms.remove(&victim.room);
+        tracing::info!(
+            room = %victim.room,
+            pid = victim.pid,
+            "evicting an idle room at the limit of {} to start {for_room}",
+            self.inner.config.max_rooms
+        );
+        // The worker drains and exits on its own; its monitor reaps it as a requested exit.
+        tokio::spawn(async move { victim.shutdown().await });
+        true
     }
 
     async fn launch(&self, id: &RoomId, runtime: u64) -> Result<RoomHandle, RoomError> {

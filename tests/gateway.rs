@@ -114,6 +114,13 @@ async fn events_on_a_topic_not_joined_are_unmatched() {
         json!(["1", msg_ref, "room:nowhere", "phx_reply", {"status": "error", "response": {"reason": "unmatched topic"}}])
     );
     assert!(gateway.rooms().is_empty(), "an unmatched event must not start a room");
+    // Leaving a topic that is not joined succeeds, as Phoenix answers it, without a phx_close.
+    let leave_ref = client.push(Some("1"), "room:nowhere", "phx_leave", json!({})).await;
+    assert_eq!(
+        client.recv().await,
+        json!(["1", leave_ref, "room:nowhere", "phx_reply", {"status": "ok", "response": {}}])
+    );
+    client.assert_no_event("phx_close", QUIET).await;
 }
 
 #[tokio::test]

@@ -79,3 +79,33 @@ async fn a_client_that_never_reads_is_disconnected_and_the_rest_of_the_room_keep
         .expect("the slow client was unsubscribed");
     drop(slow);
 }
+
+#[tokio::test]
+async fn a_flood_of_room_ids_evicts_idle_rooms_and_never_passes_the_limit() {
+    let gateway = Gateway::start(&["--max-rooms", "4", "--rate-per-sec", "100000", "--rate-burst", "100000"]);
+    let mut resident = gateway.connect().await;
+    let (resident_ref, _) = resident.join_ok("room:resident").await;
+    resident.send_message(&resident_ref, "room:resident", "ann", "keep me").await;
+    let resident_pid = gateway.wait_room_pid("resident");
+
+    // One client walks through 40 fresh room ids, joining and leaving each.
+    let mut flooder = gateway.connect().await;
+    for i in 0..40 {
+        let topic = format!("room:flood-{i}");
+        let (join_ref, _) = flooder.join_ok(&topic).await;
+        let leave_ref = flooder.push(Some(&join_ref), &topic, "phx_leave", json!({})).await;
+        assert_eq!(flooder.reply_to(&leave_ref).await["status"], "ok");
+        let live = gateway.rooms().len();
+        assert!(live <= 4, "{live} live rooms past a limit of 4");
+    }
+    // Evicted workers are asked to exit and are reaped: they do not pile up.
+    common::wait_for(|| (common::workers_of(gateway.pid()).len() == 4).then_some(()))
+        .unwrap_or_else(|| panic!("workers left: {:?}", common::workers_of(gateway.pid())));
+    assert!(gateway.log_contains("evicting an idle room"));
+    // The room someone is in was never evicted: same worker, same history.
+    assert_eq!(gateway.room_pid("resident"), Some(resident_pid));
+    let mut late = gateway.connect().await;
+    let (_, history) = late.join_ok("room:resident").await;
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0]["text"], "keep me");
+}
