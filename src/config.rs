@@ -192,3 +192,49 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_limits_of_design_section_6() {
+        let config = Config::parse_from(["gateway"]);
+        assert_eq!(config.max_frame_bytes, 64 * 1024);
+        assert_eq!((config.max_sender_chars, config.max_text_chars), (64, 4000));
+        assert_eq!(config.max_rooms, 1024);
+        assert_eq!(config.max_channels_per_socket, 100);
+        assert_eq!((config.rate_per_sec, config.rate_burst), (50, 100));
+        assert_eq!(config.outbound_queue, 1024);
+        assert_eq!(config.max_ipc_frame_bytes, 8 * 1024 * 1024);
+        assert!(config.allowed_origins.is_empty(), "only the request's own host by default");
+        assert_eq!((config.call_timeout_ms, config.hard_timeout_ms), (5_000, 10_000));
+        assert_eq!((config.js_heap_bytes, config.js_cpu_ms), (64 * 1024 * 1024, 1_000));
+        assert_eq!((config.crash_limit, config.crash_window_ms), (5, 10_000));
+        assert_eq!(config.shutdown_grace_ms, 5_000);
+    }
+
+    #[test]
+    fn every_limit_has_a_flag() {
+        let config = Config::parse_from([
+            "gateway",
+            "--max-frame-bytes=1",
+            "--max-sender-chars=2",
+            "--max-text-chars=3",
+            "--max-rooms=4",
+            "--max-channels-per-socket=5",
+            "--rate-per-sec=6",
+            "--rate-burst=7",
+            "--outbound-queue=8",
+            "--max-ipc-frame-bytes=9",
+            "--allowed-origin=https://a.example,https://b.example",
+        ]);
+        assert_eq!(
+            (config.max_frame_bytes, config.max_sender_chars, config.max_text_chars, config.max_rooms),
+            (1, 2, 3, 4)
+        );
+        assert_eq!((config.max_channels_per_socket, config.rate_per_sec, config.rate_burst), (5, 6, 7));
+        assert_eq!((config.outbound_queue, config.max_ipc_frame_bytes), (8, 9));
+        assert_eq!(config.allowed_origins, ["https://a.example", "https://b.example"]);
+    }
+}

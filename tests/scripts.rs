@@ -227,3 +227,55 @@ async fn a_call_left_unanswered_times_out_and_the_worker_is_killed_at_the_hard_l
 fn room(id: &str) -> roomvisor::room::RoomId {
     roomvisor::room::RoomId::parse(id).unwrap()
 }
+
+/// A chat room whose `sendMessage` misbehaves on command; the history survives every failure.
+const FRAGILE_ROOM: &str = r#"
+const messages = [];
+function getHistory(limit) { return messages.slice(-limit); }
+function sendMessage(sender, text) {
+  if (text === "throw") throw new Error("the script refused: " + text);
+  if (text === "spin") for (;;) {}
+  if (text === "hog") { const held = []; for (;;) held.push(new Array(1 << 16).fill(held.length)); }
+  const message = { id: messages.length + 1, sender, text, timestamp: Date.now() };
+  messages.push(message);
+  Beam.callSync("broadcast", message);
+  return message;
+}
+"#;
+
+#[tokio::test]
+async fn a_throwing_looping_or_hogging_call_fails_alone_and_the_room_keeps_its_state() {
+    let script = script_file("fragile.js", FRAGILE_ROOM);
+    let gateway = Gateway::start(&[
+        "--room-script",
+        script.to_str().unwrap(),
+        "--js-cpu-ms",
+        "200",
+        "--js-heap-bytes",
+        "33554432",
+    ]);
+    let mut client = gateway.connect().await;
+    let (join_ref, _) = client.join_ok("room:fragile").await;
+    let pid = gateway.wait_room_pid("fragile");
+    let mut neighbour = gateway.connect().await;
+    let (neighbour_ref, _) = neighbour.join_ok("room:neighbour").await;
+
+    let reply = client.send_message(&join_ref, "room:fragile", "ann", "first").await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    for (text, reason) in
+        [("throw", "the script refused: throw"), ("spin", "timeout"), ("hog", "out of memory")]
+    {
+        let reply = client.send_message(&join_ref, "room:fragile", "ann", text).await;
+        assert_eq!(reply, json!({"status": "error", "response": {"reason": reason}}), "{text}");
+        // Other rooms never wait on this one.
+        let other =
+            neighbour.send_message(&neighbour_ref, "room:neighbour", "bob", &format!("while {text}")).await;
+        assert_eq!(other["status"], "ok", "{other}");
+    }
+    let reply = client.send_message(&join_ref, "room:fragile", "ann", "second").await;
+    assert_eq!(reply["response"]["id"], 2, "the failed calls stored nothing and lost nothing");
+    assert_eq!(gateway.room_pid("fragile"), Some(pid), "the same runtime survived all three");
+    let (_, history) = gateway.connect().await.join_ok("room:fragile").await;
+    let texts: Vec<&str> = history.iter().filter_map(|m| m["text"].as_str()).collect();
+    assert_eq!(texts, ["first", "second"]);
+}
