@@ -45,6 +45,9 @@ async fn websocket(State(state): State<AppState>, headers: HeaderMap, upgrade: W
     upgrade
         .max_message_size(limit)
         .max_frame_size(limit)
+        // phoenix.js offers the `phoenix` subprotocol (beside its token) when given an
+        // `authToken`; a browser drops a handshake whose answer selects none of those offered.
+        .protocols(["phoenix"])
         .on_upgrade(move |ws| connections.track_future(socket::serve(ws, context)))
 }
 

@@ -292,3 +292,25 @@ async fn upgrades_from_a_foreign_origin_are_forbidden() {
     let (status, _) = common::http_get_head(gateway.addr, path, &same);
     assert_eq!(status, 101);
 }
+
+#[tokio::test]
+async fn the_phoenix_subprotocol_offered_with_an_auth_token_is_selected() {
+    let gateway = Gateway::start(&[]);
+    let (status, head) = common::http_get_head(
+        gateway.addr,
+        "/socket/websocket?vsn=2.0.0",
+        &[
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            // What phoenix.js sends for `new Socket(url, {authToken: "secret"})`.
+            ("Sec-WebSocket-Protocol", "phoenix, base64url.bearer.phx.c2VjcmV0"),
+        ],
+    );
+    assert_eq!(status, 101);
+    let selected = head.lines().find_map(|l| {
+        l.to_ascii_lowercase().strip_prefix("sec-websocket-protocol:").map(str::trim).map(str::to_owned)
+    });
+    assert_eq!(selected.as_deref(), Some("phoenix"), "{head}");
+}
