@@ -56,6 +56,7 @@ pub async fn serve(socket: WebSocket, ctx: SocketContext) {
     let (ended_tx, ended_rx) = mpsc::channel(16);
     let mut connection = Connection {
         rate: TokenBucket::new(ctx.config.rate_per_sec, ctx.config.rate_burst),
+        rate_limited: 0,
         ctx,
         outbox,
         channels: HashMap::new(),
@@ -143,6 +144,8 @@ struct Connection {
     next_channel_id: u64,
     ended_tx: mpsc::Sender<ChannelEnded>,
     rate: TokenBucket,
+    /// Frames refused by the rate limit since the last one let through.
+    rate_limited: u64,
     malformed: u32,
 }
 
@@ -199,8 +202,17 @@ impl Connection {
             Err(e) => return self.on_malformed(&e.to_string()),
         };
         if !self.rate.take() {
+            // Logged once per run of refusals: enough to see who floods, without flooding the log.
+            if self.rate_limited == 0 {
+                tracing::info!("rate limiting a socket past {}/s", self.ctx.config.rate_per_sec);
+            }
+            self.rate_limited += 1;
             self.outbox.send(frame.reply_error("rate limited"));
             return None;
+        }
+        if self.rate_limited > 0 {
+            tracing::debug!(refused = self.rate_limited, "a socket is back under its rate limit");
+            self.rate_limited = 0;
         }
         if frame.topic == phoenix::PHOENIX_TOPIC && frame.event == phoenix::HEARTBEAT {
             self.outbox.send(frame.reply(&Reply::ok_empty()));

@@ -20,6 +20,7 @@ async fn inbound_frames_past_the_rate_limit_get_an_error_reply() {
         );
     }
     assert_eq!(statuses, ["ok", "ok", "ok", "rate limited", "rate limited"]);
+    assert!(gateway.log_contains("rate limiting a socket past 1/s"));
 }
 
 #[tokio::test]
