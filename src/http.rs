@@ -1,7 +1,7 @@
 //! HTTP routes: the chat page, the Phoenix WebSocket endpoint, and the operator API.
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -33,7 +33,17 @@ async fn index() -> Html<&'static str> {
     Html(INDEX_HTML)
 }
 
-async fn websocket(State(state): State<AppState>, headers: HeaderMap, upgrade: WebSocketUpgrade) -> Response {
+async fn websocket(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if let Err(vsn) = check_vsn(query.as_deref()) {
+        tracing::warn!(vsn, "refused a WebSocket upgrade for an unsupported protocol version");
+        return (StatusCode::FORBIDDEN, "unsupported vsn: this server speaks Phoenix Channels 2.0.0")
+            .into_response();
+    }
     let config = &state.socket.config;
     if let Err(origin) = check_origin(&headers, &config.allowed_origins) {
         tracing::warn!(origin, "refused a WebSocket upgrade from a foreign origin");
@@ -49,6 +59,18 @@ async fn websocket(State(state): State<AppState>, headers: HeaderMap, upgrade: W
         // `authToken`; a browser drops a handshake whose answer selects none of those offered.
         .protocols(["phoenix"])
         .on_upgrade(move |ws| connections.track_future(socket::serve(ws, context)))
+}
+
+/// Only the v2 serializer is spoken. Like Phoenix, a client asking for another version is
+/// refused at the upgrade rather than sent frames it would misread; a client that names no
+/// version gets v2.
+fn check_vsn(query: Option<&str>) -> Result<(), String> {
+    let vsn = query.unwrap_or_default().split('&').find_map(|pair| pair.strip_prefix("vsn="));
+    match vsn {
+        None => Ok(()),
+        Some(v) if v == "2" || v.starts_with("2.") => Ok(()),
+        Some(other) => Err(other.to_owned()),
+    }
 }
 
 /// Browsers send `Origin`; it must name the host the request was made to, or an allowed
@@ -82,6 +104,15 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+
+    #[test]
+    fn only_version_2_of_the_serializer_is_accepted() {
+        assert!(check_vsn(Some("vsn=2.0.0")).is_ok());
+        assert!(check_vsn(Some("token=x&vsn=2.0.0")).is_ok());
+        assert!(check_vsn(None).is_ok());
+        assert_eq!(check_vsn(Some("vsn=1.0.0")), Err("1.0.0".to_owned()));
+        assert_eq!(check_vsn(Some("a=1&vsn=3.0.0")), Err("3.0.0".to_owned()));
+    }
 
     fn headers(origin: Option<&'static str>, host: &'static str) -> HeaderMap {
         let mut headers = HeaderMap::new();

@@ -43,6 +43,37 @@ impl Frame {
         Ok(Frame { join_ref, msg_ref, topic, event, payload })
     }
 
+    /// The routing header of a binary v2 push (phoenix.js `binaryEncode`: kind 0, the lengths
+    /// of join_ref, ref, topic and event in one byte each, those four strings, then the raw
+    /// payload). The payload is not kept: the gateway only answers binary pushes with an
+    /// error reply, so that the client's push gets an answer instead of its timeout.
+    pub fn parse_binary_push(bytes: &[u8]) -> Result<Frame, MalformedFrame> {
+        const PUSH: u8 = 0;
+        let malformed = |why: &str| MalformedFrame(format!("binary frame: {why}"));
+        let (&kind, rest) = bytes.split_first().ok_or_else(|| malformed("empty"))?;
+        if kind != PUSH {
+            return Err(malformed(&format!("kind {kind} is not a push")));
+        }
+        let (lengths, mut rest) = rest.split_at_checked(4).ok_or_else(|| malformed("truncated header"))?;
+        let mut fields = Vec::with_capacity(4);
+        for &length in lengths {
+            let (field, after) =
+                rest.split_at_checked(usize::from(length)).ok_or_else(|| malformed("truncated header"))?;
+            let field = std::str::from_utf8(field).map_err(|_| malformed("header is not UTF-8"))?;
+            fields.push(field.to_owned());
+            rest = after;
+        }
+        let [join_ref, msg_ref, topic, event] =
+            <[String; 4]>::try_from(fields).map_err(|_| malformed("header needs four fields"))?;
+        Ok(Frame {
+            join_ref: Some(join_ref).filter(|r| !r.is_empty()),
+            msg_ref: Some(msg_ref),
+            topic,
+            event,
+            payload: RawValue::from_string("null".to_owned()).map_err(|e| malformed(&e.to_string()))?,
+        })
+    }
+
     /// A reply to this frame.
     pub fn reply(&self, reply: &Reply<'_>) -> Utf8Bytes {
         encode(self.join_ref.as_deref(), self.msg_ref.as_deref(), &self.topic, PHX_REPLY, reply)
@@ -124,6 +155,20 @@ pub fn close(join_ref: Option<&str>, topic: &str) -> Utf8Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_header_of_a_binary_push() {
+        let mut bytes = vec![0, 1, 2, 12, 12];
+        bytes.extend_from_slice(b"312room:generalsend_message");
+        bytes.extend_from_slice(&[0xff, 0x00, 0x01]);
+        let frame = Frame::parse_binary_push(&bytes).unwrap();
+        assert_eq!(frame.join_ref.as_deref(), Some("3"));
+        assert_eq!(frame.msg_ref.as_deref(), Some("12"));
+        assert_eq!((frame.topic.as_str(), frame.event.as_str()), ("room:general", "send_message"));
+        for bad in [&[][..], &[1, 0, 0, 0, 0], &[0, 1, 1], &[0, 5, 0, 0, 0, b'x']] {
+            assert!(Frame::parse_binary_push(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn parses_a_join() {

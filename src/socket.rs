@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::phoenix::{self, Frame, Reply};
-use crate::pubsub::Outbox;
+use crate::pubsub::{Outbox, PubSub, SubscriptionId};
 use crate::room::{RoomId, TOPIC_PREFIX};
 use crate::shutdown::Shutdown;
 use crate::supervisor::Supervisor;
@@ -129,6 +129,22 @@ struct JoinedChannel {
     id: u64,
     join_ref: Option<String>,
     inbox: mpsc::Sender<Frame>,
+    _subscription: Subscription,
+}
+
+/// The socket's subscription to a joined topic. It ends when the connection forgets the
+/// channel (replaced by a new join, ended, or the socket closed), even while that channel's
+/// task still waits on its room: a replaced join must not deliver broadcasts a second time.
+struct Subscription {
+    pubsub: Arc<PubSub>,
+    topic: String,
+    id: SubscriptionId,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.pubsub.unsubscribe_socket(&self.topic, self.id);
+    }
 }
 
 /// A channel task has ended (left, failed to join, or replaced).
@@ -182,8 +198,8 @@ impl Connection {
                                 return close;
                             }
                         }
-                        Some(Ok(Message::Binary(_))) => {
-                            if let Some(close) = self.on_malformed("binary frames are not supported") {
+                        Some(Ok(Message::Binary(bytes))) => {
+                            if let Some(close) = self.on_binary(&bytes) {
                                 return close;
                             }
                         }
@@ -224,6 +240,22 @@ impl Connection {
         None
     }
 
+    /// Rooms speak JSON only; a well-formed binary push is refused with a reply (so the
+    /// client is not left waiting), anything else binary counts as malformed.
+    fn on_binary(&mut self, bytes: &[u8]) -> Option<Closing> {
+        let frame = match Frame::parse_binary_push(bytes) {
+            Ok(frame) => frame,
+            Err(e) => return self.on_malformed(&e.to_string()),
+        };
+        tracing::debug!(topic = %frame.topic, event = %frame.event, "refused a binary push");
+        if self.rate.take() {
+            self.outbox.send(frame.reply_error("binary payloads are not supported"));
+        } else {
+            self.outbox.send(frame.reply_error("rate limited"));
+        }
+        None
+    }
+
     fn on_malformed(&mut self, why: &str) -> Option<Closing> {
         self.malformed += 1;
         tracing::warn!(count = self.malformed, "dropped a frame: {why}");
@@ -252,13 +284,21 @@ impl Connection {
         self.next_channel_id += 1;
         let (inbox, frames) = mpsc::channel(CHANNEL_INBOX);
         let topic = frame.topic.clone();
-        self.channels.insert(topic.clone(), JoinedChannel { id, join_ref: frame.join_ref.clone(), inbox });
+        // Subscribed before the history is read: a message sent meanwhile may then arrive
+        // twice (clients dedupe by id) but is never missed.
+        let pubsub = self.ctx.supervisor.pubsub().clone();
+        let subscription_id = pubsub.subscribe_socket(&topic, self.outbox.clone());
+        let subscription = Subscription { pubsub, topic: topic.clone(), id: subscription_id };
+        let joined =
+            JoinedChannel { id, join_ref: frame.join_ref.clone(), inbox, _subscription: subscription };
+        self.channels.insert(topic.clone(), joined);
         let channel = Channel {
             ctx: self.ctx.clone(),
             outbox: self.outbox.clone(),
             room,
             topic,
             join_ref: frame.join_ref.clone(),
+            subscription_id,
         };
         let ended = self.ended_tx.clone();
         tokio::spawn(async move {
@@ -315,6 +355,7 @@ struct Channel {
     room: RoomId,
     topic: String,
     join_ref: Option<String>,
+    subscription_id: SubscriptionId,
 }
 
 #[derive(Deserialize)]
@@ -325,10 +366,6 @@ struct SendMessage {
 
 impl Channel {
     async fn run(self, join: Frame, mut frames: mpsc::Receiver<Frame>) {
-        let pubsub = self.ctx.supervisor.pubsub().clone();
-        // Subscribe before reading the history: a message sent meanwhile may then arrive
-        // twice (clients dedupe by id) but is never missed.
-        let subscription = pubsub.subscribe_socket(&self.topic, self.outbox.clone());
         if self.join(&join).await {
             while let Some(frame) = frames.recv().await {
                 if frame.event == phoenix::PHX_LEAVE {
@@ -340,7 +377,9 @@ impl Channel {
                 self.outbox.send(reply);
             }
         }
-        pubsub.unsubscribe_socket(&self.topic, subscription);
+        // Unsubscribed here too, before the connection hears that the task ended, so that no
+        // broadcast follows the `phx_close` of a leave.
+        self.ctx.supervisor.pubsub().unsubscribe_socket(&self.topic, self.subscription_id);
     }
 
     async fn join(&self, join: &Frame) -> bool {

@@ -314,3 +314,37 @@ async fn the_phoenix_subprotocol_offered_with_an_auth_token_is_selected() {
     });
     assert_eq!(selected.as_deref(), Some("phoenix"), "{head}");
 }
+
+#[tokio::test]
+async fn a_client_asking_for_another_serializer_version_is_refused_at_the_upgrade() {
+    let gateway = Gateway::start(&[]);
+    let upgrade = [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Version", "13"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+    let (status, _) = common::http_get_head(gateway.addr, "/socket/websocket?vsn=1.0.0", &upgrade);
+    assert_eq!(status, 403);
+    assert!(gateway.log_contains("unsupported protocol version"));
+    let (status, _) = common::http_get_head(gateway.addr, "/socket/websocket?vsn=2.0.0", &upgrade);
+    assert_eq!(status, 101);
+}
+
+#[tokio::test]
+async fn a_binary_push_gets_an_error_reply_and_the_socket_stays_usable() {
+    let gateway = Gateway::start(&[]);
+    let mut client = gateway.connect().await;
+    let (join_ref, _) = client.join_ok("room:binary").await;
+    // phoenix.js binaryEncode: kind 0, four lengths, join_ref, ref, topic, event, payload.
+    let mut push = vec![0, join_ref.len() as u8, 2, 11, 12];
+    push.extend_from_slice(format!("{join_ref}b1room:binarysend_message").as_bytes());
+    push.extend_from_slice(&[1, 2, 3]);
+    client.send_binary(push).await;
+    let reply = client.reply_to("b1").await;
+    assert_eq!(
+        reply,
+        json!({"status": "error", "response": {"reason": "binary payloads are not supported"}})
+    );
+    assert_eq!(client.send_message(&join_ref, "room:binary", "ann", "still here").await["status"], "ok");
+}

@@ -219,6 +219,10 @@ impl Client {
         self.ws.send(Message::Text(text.into().into())).await.expect("send");
     }
 
+    pub async fn send_binary(&mut self, bytes: Vec<u8>) {
+        self.ws.send(Message::Binary(bytes.into())).await.expect("send");
+    }
+
     pub async fn send(&mut self, frame: Value) {
         self.send_raw(frame.to_string()).await;
     }
@@ -405,4 +409,66 @@ pub fn supervisor(script: &Path, js_cpu_ms: u64) -> roomvisor::supervisor::Super
 
 pub fn chat_script() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/rooms/chat-room.js"))
+}
+
+// Helpers for the hard-edges tests (fuzz, chaos, zombies).
+
+/// The WebSocket stream under a [`Client`], for tests that read raw frames and closes.
+pub type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+impl Gateway {
+    /// How many log lines read so far contain `needle`.
+    pub fn log_count_now(&self, needle: &str) -> usize {
+        self.log.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Whether the gateway process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// A raw WebSocket to the Phoenix endpoint.
+    pub async fn connect_raw(&self) -> WsStream {
+        self.connect().await.ws
+    }
+}
+
+/// `(room id, pid)` of every live room of the gateway at `addr`, from `/api/rooms`. Blocking;
+/// needs no `&Gateway`, so a plain thread can poll it.
+pub fn room_pids_at(addr: SocketAddr) -> Vec<(String, u32)> {
+    let (status, body) = http_get(addr, "/api/rooms", &[]);
+    assert_eq!(status, 200, "GET /api/rooms: {body}");
+    let rooms: Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/api/rooms is not JSON ({e}): {body}"));
+    rooms
+        .as_array()
+        .expect("rooms is an array")
+        .iter()
+        .filter_map(|r| Some((r["id"].as_str()?.to_owned(), u32::try_from(r["pid"].as_u64()?).ok()?)))
+        .collect()
+}
+
+/// SIGKILL that tolerates a process already gone; returns whether the signal was sent.
+pub fn try_kill9(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).is_ok()
+}
+
+/// Like [`wait_for`], with its own time limit.
+pub fn wait_for_within<T>(within: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = probe() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Defunct (state Z) children of `parent`.
+pub fn zombies_of(parent: u32) -> Vec<ProcessInfo> {
+    children_of(parent).into_iter().filter(|p| p.state == 'Z').collect()
 }

@@ -1,0 +1,643 @@
+"use strict";
+// The official `phoenix` JS client (npm `phoenix`, priv/static/phoenix.cjs.js) against the real
+// gateway binary. Every frame below is produced by the client's own code (Socket, Channel, Push);
+// the only test-side addition is a WebSocket subclass that records the raw frames both ways.
+//
+// What the client can send (read from phoenix 1.8.16, assets/js/phoenix/*.js):
+//
+//   connect      GET {endPoint}/websocket?{params}&vsn=2.0.0 (socket.js endPointURL; the vsn query
+//                is always added, opts.vsn overrides "2.0.0")                     -> tested (all)
+//                with opts.authToken: Sec-WebSocket-Protocol "phoenix,
+//                base64url.bearer.phx.<base64 token>"; the server must select "phoenix" or the
+//                client's WebSocket fails the handshake                            -> tested
+//                with opts.params: extra query parameters                         -> tested
+//   phx_join     [jr, jr, topic, "phx_join", chanParams] (channel.join/rejoin; join_ref == ref).
+//                Awaits phx_reply ok (joined; buffered pushes flushed) | error (rejoins after
+//                rejoinAfterMs)                                                    -> tested
+//                | no reply within `timeout`: the client sends phx_leave for that join and
+//                rejoins (suite "slow room start", with fixtures/slow-first-join.js) -> tested
+//                Before joining, a channel leaves any other joined/joining channel of the same
+//                topic on the socket (socket.leaveOpenTopic): phx_leave then phx_join   -> tested
+//                A second phx_join of a joined topic on the wire: the server closes the old
+//                join (phx_close to its join_ref), the client's old channel closes   -> tested
+//   push         [jr, ref, topic, event, payload] (channel.push); awaits phx_reply with that ref:
+//                receive("ok"|"error"), else "timeout"; pushes made before the join reply are
+//                buffered and sent after it                                        -> tested
+//   binary push  channel.push(event, ArrayBuffer) is a binary frame:
+//                [kind=0, len(jr), len(ref), len(topic), len(event), jr, ref, topic, event, bytes]
+//                (serializer.js binaryEncode); awaits a phx_reply like any push. Rooms
+//                speak JSON only: the gateway answers with a text phx_reply error
+//                {"reason":"binary payloads are not supported"}                    -> tested
+//   phx_leave    [jr, ref, topic, "phx_leave", {}] (channel.leave, and after a join timeout);
+//                awaits phx_reply ok (or times out, which also closes the channel)  -> tested
+//   heartbeat    [null, ref, "phoenix", "heartbeat", {}] every heartbeatIntervalMs after the
+//                last reply (socket.sendHeartbeat), and socket.ping(cb); awaits phx_reply with
+//                that ref within heartbeatIntervalMs, else closes (1000, "heartbeat timeout")
+//                and reconnects                                                    -> tested
+//   close        socket.disconnect(cb, code, reason): WebSocket close frame          -> tested
+//   longpoll     transport LongPoll (or longPollFallbackMs): GET {endPoint}/longpoll?vsn=2.0.0
+//                (+&token=, X-Phoenix-AuthToken header), POST ndjson batches; expects JSON
+//                {status, token, messages}: not served (no /socket/longpoll)        -> not served
+//   vsn          opts.vsn only changes the query parameter (the encoder stays v2); Phoenix
+//                refuses an unsupported vsn at the upgrade; so does the gateway (403) -> tested
+//
+// What the client reacts to from the server:
+//   phx_reply    matched by ref to a push (join, push, leave, heartbeat/ping)        -> tested
+//   phx_close    channel closed and removed from the socket (onClose)               -> tested
+//   phx_error    channel errored, rejoins (the gateway never sends it: a dead room worker is
+//                a room_reset, the channel stays joined)                           -> not sent
+//   other events channel.on(event): new_message, room_reset                         -> tested
+//                a frame whose join_ref is not the channel's current one is dropped (isMember)
+//   binary frames kinds 1 (reply) and 2 (broadcast): the gateway sends only text       -> n/a
+//   close/error  any close the client did not ask for: channels error, socket reconnects
+//                with reconnectAfterMs, channels rejoin on open                     -> tested
+//                (server shutdown + restart on the same port, and the idle timeout)
+
+const { describe, test, before, after, afterEach } = require("node:test");
+const assert = require("node:assert/strict");
+const WebSocket = require("ws");
+const { Socket } = require("phoenix");
+const {
+  deferred, killWorker, roomInfo, sleep, startGateway, uniqueRoom, waitFor, withLogs, withTimeout,
+} = require("./helpers");
+
+// ---------------------------------------------------------------------------------------------
+// Client-side helpers
+
+/** A `ws` WebSocket that records every frame, so tests can assert the wire, not just callbacks. */
+function recordingTransport(log) {
+  return class RecordingWebSocket extends WebSocket {
+    constructor(url, protocols) {
+      super(url, protocols);
+      const conn = { url, protocols, index: log.connections.length };
+      log.connections.push(conn);
+      this.connIndex = conn.index;
+      this.addEventListener("message", (ev) => {
+        const entry = typeof ev.data === "string" ? JSON.parse(ev.data) : { binary: Buffer.from(ev.data) };
+        log.received.push({ conn: conn.index, frame: entry, at: Date.now() });
+      });
+      this.addEventListener("close", (ev) => log.closes.push({ conn: conn.index, code: ev.code, reason: ev.reason }));
+    }
+
+    send(data) {
+      const conn = this.connIndex;
+      const entry = typeof data === "string" ? JSON.parse(data) : { binary: Buffer.from(data) };
+      log.sent.push({ conn, frame: entry, at: Date.now() });
+      super.send(data);
+    }
+  };
+}
+
+const openSockets = new Set();
+
+/** A connected phoenix Socket with a frame log at `socket.log`. */
+async function connect(gw, opts = {}) {
+  const log = { connections: [], sent: [], received: [], closes: [] };
+  const socket = new Socket(gw.socketUrl, { transport: recordingTransport(log), timeout: 5000, ...opts });
+  socket.log = log;
+  openSockets.add(socket);
+  const opened = deferred();
+  socket.onOpen(() => opened.resolve());
+  socket.connect();
+  await withTimeout(opened.promise, 5000, "the socket to open");
+  return socket;
+}
+
+function disconnectAll() {
+  for (const socket of openSockets) {
+    for (const channel of [...socket.channels]) channel.rejoinTimer.reset();
+    socket.disconnect();
+  }
+  openSockets.clear();
+}
+
+/** Resolves a Push with {status, response} for ok/error, rejects on timeout. */
+function reply(push, what = `reply to ${push.event}`) {
+  return withTimeout(new Promise((resolve, reject) => {
+    push.receive("ok", (response) => resolve({ status: "ok", response }))
+      .receive("error", (response) => resolve({ status: "error", response }))
+      .receive("timeout", () => reject(new Error(`push timeout: no ${what}`)));
+  }), 8000, what);
+}
+
+async function joinOk(channel) {
+  const { status, response } = await reply(channel.join(), `join reply for ${channel.topic}`);
+  assert.equal(status, "ok", `join ${channel.topic} failed: ${JSON.stringify(response)}`);
+  return response;
+}
+
+async function sendOk(channel, sender, text) {
+  const { status, response } = await reply(channel.push("send_message", { sender, text }), "send_message reply");
+  assert.equal(status, "ok", `send_message failed: ${JSON.stringify(response)}`);
+  assertMessage(response, sender, text);
+  return response;
+}
+
+function assertMessage(msg, sender, text) {
+  assert.equal(typeof msg, "object");
+  assert.ok(Number.isInteger(msg.id) && msg.id >= 1, `message id ${msg.id}`);
+  assert.equal(msg.sender, sender);
+  assert.equal(msg.text, text);
+  assert.ok(Number.isFinite(msg.timestamp), `timestamp ${msg.timestamp}`);
+  assert.ok(Math.abs(msg.timestamp - Date.now()) < 60000, `timestamp ${msg.timestamp} is not ms since epoch, now`);
+}
+
+/** Collects a channel event's payloads. */
+function collect(channel, event) {
+  const seen = [];
+  channel.on(event, (payload) => seen.push(payload));
+  return seen;
+}
+
+const received = (socket, pred) => socket.log.received.map((r) => r.frame).filter((f) => Array.isArray(f) && pred(f));
+const sent = (socket, pred) => socket.log.sent.map((s) => s.frame).filter((f) => Array.isArray(f) && pred(f));
+
+// ---------------------------------------------------------------------------------------------
+
+describe("phoenix.js client against one gateway", () => {
+  let gw;
+  before(async () => { gw = await startGateway(); });
+  afterEach(() => disconnectAll());
+  after(async () => {
+    disconnectAll();
+    if (gw) {
+      const status = await gw.stop();
+      assert.equal(status.code, 0, `gateway exit after SIGTERM: ${JSON.stringify(status)}`);
+    }
+  });
+  const t = (name, fn, opts = {}) => test(name, { timeout: 30000, ...opts }, withLogs(() => gw, fn));
+
+  t("join replies with the room's history; send_message replies ok with the stored message", async () => {
+    const room = uniqueRoom("history");
+    const a = await connect(gw);
+    const chA = a.channel(`room:${room}`);
+    const first = await joinOk(chA);
+    assert.deepEqual(first, { messages: [] }, "a new room has no history");
+
+    const m1 = await sendOk(chA, "alice", "hello");
+    const m2 = await sendOk(chA, "alice", "second");
+    const m3 = await sendOk(chA, "bob", "third ✓ 🎉");
+    assert.ok(m1.id < m2.id && m2.id < m3.id, "ids increase");
+
+    const b = await connect(gw);
+    const history = await joinOk(b.channel(`room:${room}`));
+    assert.deepEqual(history.messages, [m1, m2, m3], "a later join gets the history, oldest first");
+
+    // On the wire: the join went out as [jr, jr, topic, "phx_join", {}] and came back with the
+    // same refs.
+    const [join] = sent(b, (f) => f[3] === "phx_join");
+    assert.equal(join[0], join[1]);
+    assert.deepEqual(join.slice(2), [`room:${room}`, "phx_join", {}]);
+    const [joinReply] = received(b, (f) => f[1] === join[1]);
+    assert.deepEqual(joinReply, [join[0], join[1], `room:${room}`, "phx_reply", { status: "ok", response: history }]);
+  });
+
+  t("two sockets see each other's new_message; a third socket in another room sees nothing", async () => {
+    const room = uniqueRoom("pair");
+    const other = uniqueRoom("other");
+    const [a, b, c] = await Promise.all([connect(gw), connect(gw), connect(gw)]);
+    const chA = a.channel(`room:${room}`);
+    const chB = b.channel(`room:${room}`);
+    const chC = c.channel(`room:${other}`);
+    const seenA = collect(chA, "new_message");
+    const seenB = collect(chB, "new_message");
+    const seenC = collect(chC, "new_message");
+    await Promise.all([joinOk(chA), joinOk(chB), joinOk(chC)]);
+
+    const fromA = await sendOk(chA, "alice", "hi bob");
+    const fromB = await sendOk(chB, "bob", "hi alice");
+    const ids = (list) => list.map((m) => m.id).sort((x, y) => x - y);
+    await waitFor(() => seenA.length >= 2 && seenB.length >= 2, { what: "both new_messages on both sockets" });
+    assert.deepEqual(ids(seenA), [fromA.id, fromB.id], "the sender gets its own new_message too");
+    assert.deepEqual(ids(seenB), [fromA.id, fromB.id]);
+    assert.deepEqual(seenB.find((m) => m.id === fromA.id), fromA, "the push is the stored message");
+
+    // C proves its socket is live by getting its own message; it must never see room's.
+    const fromC = await sendOk(chC, "carol", "anyone?");
+    await waitFor(() => seenC.length >= 1, { what: "carol's own new_message" });
+    await sleep(300);
+    assert.deepEqual(seenC, [fromC]);
+    assert.deepEqual(received(c, (f) => f[2] === `room:${room}`), [], "no frame of the other room reached C");
+    assert.equal(received(a, (f) => f[2] === `room:${other}`).length, 0);
+
+    // Broadcasts are fastlaned: join_ref and ref null.
+    const push = received(b, (f) => f[3] === "new_message")[0];
+    assert.deepEqual(push.slice(0, 3), [null, null, `room:${room}`]);
+  });
+
+  t("pushes made before the join reply are buffered by the client and answered after it", async () => {
+    const room = uniqueRoom("buffered");
+    const a = await connect(gw);
+    const ch = a.channel(`room:${room}`);
+    const join = reply(ch.join());
+    const early = reply(ch.push("send_message", { sender: "eager", text: "sent while joining" }));
+    assert.equal((await join).status, "ok");
+    const { status, response } = await early;
+    assert.equal(status, "ok");
+    assertMessage(response, "eager", "sent while joining");
+  });
+
+  t("error replies: blank text, bad payload, unknown event, invalid room id, unknown topic", async () => {
+    const room = uniqueRoom("errors");
+    const a = await connect(gw);
+    const ch = a.channel(`room:${room}`);
+    await joinOk(ch);
+
+    let r = await reply(ch.push("send_message", { sender: "alice", text: "   " }));
+    assert.deepEqual(r, { status: "error", response: { reason: "text must not be blank" } });
+    r = await reply(ch.push("send_message", { sender: "", text: "hi" }));
+    assert.deepEqual(r, { status: "error", response: { reason: "sender must not be blank" } });
+    r = await reply(ch.push("send_message", { text: 42 }));
+    assert.equal(r.status, "error");
+    assert.match(r.response.reason, /invalid payload/);
+    r = await reply(ch.push("shout", { text: "HI" }));
+    assert.deepEqual(r, { status: "error", response: { reason: "unknown event" } });
+
+    const bad = a.channel("room:../x");
+    r = await reply(bad.join());
+    assert.deepEqual(r, { status: "error", response: { reason: "invalid room id" } });
+    const [badJoin] = sent(a, (f) => f[2] === "room:../x" && f[3] === "phx_join");
+    assert.deepEqual(received(a, (f) => f[2] === "room:../x" && f[1] === badJoin[1]), [
+      [badJoin[0], badJoin[1], "room:../x", "phx_reply", { status: "error", response: { reason: "invalid room id" } }],
+    ]);
+    bad.leave();
+
+    const lobby = a.channel("lobby");
+    r = await reply(lobby.join());
+    assert.deepEqual(r, { status: "error", response: { reason: "unmatched topic" } });
+    lobby.leave();
+
+    // Nothing was stored by the refused sends, and the channel still works.
+    const ok = await sendOk(ch, "alice", "still here");
+    assert.equal(ok.id, 1);
+  });
+
+  t("channel.leave() is answered ok at once, then phx_close; the socket stops getting the room", async () => {
+    const room = uniqueRoom("leave");
+    const [a, b] = await Promise.all([connect(gw), connect(gw)]);
+    const chA = a.channel(`room:${room}`);
+    const chB = b.channel(`room:${room}`);
+    const seenA = collect(chA, "new_message");
+    const closed = deferred();
+    chA.onClose(() => closed.resolve());
+    await Promise.all([joinOk(chA), joinOk(chB)]);
+    await waitFor(async () => (await roomInfo(gw, room))?.subscribers === 2, { what: "2 subscribers" });
+
+    const started = Date.now();
+    const leave = chA.leave(5000);
+    const outcome = await withTimeout(new Promise((resolve) => {
+      leave.receive("ok", (resp) => resolve({ status: "ok", resp })).receive("timeout", () => resolve({ status: "timeout" }));
+    }), 7000, "the leave reply");
+    const took = Date.now() - started;
+    assert.equal(outcome.status, "ok", "leave must be answered by the server, not by the push timeout");
+    assert.ok(took < 2000, `leave took ${took} ms`);
+    await withTimeout(closed.promise, 2000, "channel onClose");
+    assert.ok(!a.channels.includes(chA), "the closed channel is removed from the socket");
+
+    // On the wire: [jr, ref, topic, "phx_leave", {}] -> phx_reply ok {} -> [jr, jr, topic, "phx_close", {}].
+    const [leaveFrame] = sent(a, (f) => f[3] === "phx_leave");
+    const jr = leaveFrame[0];
+    assert.deepEqual(leaveFrame.slice(2), [`room:${room}`, "phx_leave", {}]);
+    await waitFor(() => received(a, (f) => f[3] === "phx_close").length === 1, { what: "phx_close frame" });
+    const frames = received(a, (f) => f[2] === `room:${room}` && (f[1] === leaveFrame[1] || f[3] === "phx_close"));
+    assert.deepEqual(frames, [
+      [jr, leaveFrame[1], `room:${room}`, "phx_reply", { status: "ok", response: {} }],
+      [jr, jr, `room:${room}`, "phx_close", {}],
+    ]);
+
+    await waitFor(async () => (await roomInfo(gw, room))?.subscribers === 1, { what: "the leaver to be unsubscribed" });
+    const before = a.log.received.length;
+    await sendOk(chB, "bob", "are you gone?");
+    await sleep(300);
+    assert.equal(seenA.length, 0);
+    assert.deepEqual(a.log.received.slice(before), [], "no frame reaches a socket that left the room");
+
+    // A leave for a topic the server no longer has is answered ok too (Phoenix does so, and a
+    // client whose channel the server already closed must not wait out its push timeout).
+    const ref = a.makeRef();
+    a.push({ topic: `room:${room}`, event: "phx_leave", payload: {}, ref, join_ref: jr });
+    await waitFor(() => received(a, (f) => f[1] === ref).length === 1, { what: "reply to a stale phx_leave" });
+    assert.deepEqual(received(a, (f) => f[1] === ref)[0], [jr, ref, `room:${room}`, "phx_reply", { status: "ok", response: {} }]);
+  });
+
+  t("joining a topic twice: the client leaves its old channel first and gets each message once", async () => {
+    const room = uniqueRoom("twice");
+    const a = await connect(gw);
+    const first = a.channel(`room:${room}`);
+    const closed = deferred();
+    first.onClose(() => closed.resolve());
+    await joinOk(first);
+    const second = a.channel(`room:${room}`);
+    const seen = collect(second, "new_message");
+    await joinOk(second);
+    await withTimeout(closed.promise, 3000, "the first channel to close");
+    const order = sent(a, (f) => f[2] === `room:${room}`).map((f) => f[3]);
+    assert.deepEqual(order, ["phx_join", "phx_leave", "phx_join"], "the client's leaveOpenTopic");
+
+    const msg = await sendOk(second, "alice", "once");
+    await waitFor(() => seen.length === 1, { what: "the new_message" });
+    await sleep(300);
+    assert.equal(received(a, (f) => f[3] === "new_message" && f[4].id === msg.id).length, 1,
+      "the socket is subscribed once, not once per join");
+    await waitFor(async () => (await roomInfo(gw, room))?.subscribers === 1, { what: "1 subscriber" });
+  });
+
+  t("a join the server sees twice closes the old join: the client's channel gets phx_close", async () => {
+    const room = uniqueRoom("rejoin");
+    const a = await connect(gw);
+    const ch = a.channel(`room:${room}`);
+    const closed = deferred();
+    ch.onClose(() => closed.resolve());
+    await joinOk(ch);
+    const oldJoinRef = ch.joinRef();
+    // A second phx_join of the same topic under a new join_ref, as a client that timed out its
+    // join would send it (socket.push is the client's own frame writer).
+    const ref = a.makeRef();
+    a.push({ topic: `room:${room}`, event: "phx_join", payload: {}, ref, join_ref: ref });
+    await withTimeout(closed.promise, 3000, "phx_close to the old join");
+    assert.deepEqual(received(a, (f) => f[3] === "phx_close"), [[oldJoinRef, oldJoinRef, `room:${room}`, "phx_close", {}]]);
+    await waitFor(() => received(a, (f) => f[1] === ref).length === 1, { what: "the second join's reply" });
+    assert.equal(received(a, (f) => f[1] === ref)[0][4].status, "ok");
+  });
+
+  t("socket.ping() is answered; socket and channel params are accepted", async () => {
+    const room = uniqueRoom("params");
+    const a = await connect(gw, { params: { user_token: "abc" } });
+    assert.match(a.log.connections[0].url, /\/socket\/websocket\?user_token=abc&vsn=2\.0\.0$/);
+    const rtt = deferred();
+    assert.equal(a.ping((ms) => rtt.resolve(ms)), true);
+    const ms = await withTimeout(rtt.promise, 3000, "the ping reply");
+    assert.ok(ms >= 0 && ms < 3000);
+    const ch = a.channel(`room:${room}`, { last_seen_id: 0 });
+    await joinOk(ch);
+    assert.deepEqual(sent(a, (f) => f[3] === "phx_join")[0][4], { last_seen_id: 0 });
+  });
+
+  t("socket.disconnect() closes cleanly and unsubscribes the socket from its rooms", async () => {
+    const room = uniqueRoom("disconnect");
+    const a = await connect(gw);
+    await joinOk(a.channel(`room:${room}`));
+    await waitFor(async () => (await roomInfo(gw, room))?.subscribers === 1, { what: "1 subscriber" });
+    const done = deferred();
+    a.disconnect(() => done.resolve(), 1000, "bye");
+    openSockets.delete(a);
+    await withTimeout(done.promise, 3000, "disconnect callback");
+    assert.deepEqual(a.log.closes.map((c) => c.code), [1000]);
+    await waitFor(async () => (await roomInfo(gw, room))?.subscribers === 0, { what: "0 subscribers" });
+  });
+
+  t("kill -9 of the room worker: room_reset on every channel, then a fresh room works", async () => {
+    const room = uniqueRoom("reset");
+    const [a, b] = await Promise.all([connect(gw), connect(gw)]);
+    const chA = a.channel(`room:${room}`);
+    const chB = b.channel(`room:${room}`);
+    const resetsA = collect(chA, "room_reset");
+    const resetsB = collect(chB, "room_reset");
+    const seenB = collect(chB, "new_message");
+    const errors = [];
+    for (const ch of [chA, chB]) {
+      ch.onError((e) => errors.push(e));
+      ch.onClose(() => errors.push("closed"));
+    }
+    await Promise.all([joinOk(chA), joinOk(chB)]);
+    await sendOk(chA, "alice", "before the crash 1");
+    await sendOk(chB, "bob", "before the crash 2");
+
+    const killed = await killWorker(gw, room);
+    await waitFor(() => resetsA.length === 1 && resetsB.length === 1, { what: "room_reset on both channels" });
+    for (const payload of [resetsA[0], resetsB[0]]) {
+      assert.equal(payload.reason, "room worker exited");
+      assert.match(String(payload.detail), /signal: 9|SIGKILL/);
+    }
+    assert.deepEqual(errors, [], "the channels stay joined: no phx_error, no phx_close");
+    assert.ok(chA.isJoined() && chB.isJoined());
+
+    const fresh = await sendOk(chA, "alice", "after the crash");
+    assert.equal(fresh.id, 1, "a fresh runtime numbers from 1");
+    await waitFor(() => seenB.some((m) => m.id === 1 && m.text === "after the crash"), { what: "B to see the fresh message" });
+    const info = await roomInfo(gw, room);
+    assert.ok(info && info.pid !== killed, "a new worker process runs the room");
+
+    const c = await connect(gw);
+    const history = await joinOk(c.channel(`room:${room}`));
+    assert.deepEqual(history.messages, [fresh], "the fresh room's history holds only what came after");
+    assert.equal(resetsA.length, 1, "one reset per crash");
+  });
+
+  t("authToken: the bearer subprotocol handshake succeeds (the server selects \"phoenix\")", async () => {
+    const room = uniqueRoom("token");
+    const a = await connect(gw, { authToken: "secret-token" });
+    assert.deepEqual(a.log.connections[0].protocols, ["phoenix", "base64url.bearer.phx.c2VjcmV0LXRva2Vu"]);
+    assert.equal(a.conn.protocol, "phoenix");
+    await joinOk(a.channel(`room:${room}`));
+  });
+
+  t("a binary push does not break the socket", async () => {
+    const room = uniqueRoom("binary");
+    const a = await connect(gw);
+    const ch = a.channel(`room:${room}`);
+    await joinOk(ch);
+    const bytes = new TextEncoder().encode("binary payload").buffer;
+    ch.push("send_message", bytes, 1000);
+    assert.ok(a.log.sent.some((s) => s.frame.binary && s.frame.binary[0] === 0), "the client sent a binary push frame");
+    await sendOk(ch, "alice", "text after binary");
+    assert.equal(a.log.closes.length, 0);
+  });
+
+  t("a binary push is answered with an error reply, not left to time out", async () => {
+    const room = uniqueRoom("binreply");
+    const a = await connect(gw);
+    const ch = a.channel(`room:${room}`);
+    await joinOk(ch);
+    const r = await reply(ch.push("send_message", new TextEncoder().encode("x").buffer, 2000), "reply to a binary push");
+    assert.equal(r.status, "error");
+    assert.deepEqual(r.response, { reason: "binary payloads are not supported" });
+  });
+
+  t("an unsupported vsn is refused at the upgrade, as Phoenix does", async () => {
+    const log = { connections: [], sent: [], received: [], closes: [] };
+    const socket = new Socket(gw.socketUrl, { transport: recordingTransport(log), vsn: "3.0.0" });
+    openSockets.add(socket);
+    let opened = false;
+    socket.onOpen(() => { opened = true; });
+    const errored = deferred();
+    socket.onError(() => errored.resolve());
+    socket.connect();
+    await withTimeout(errored.promise, 3000, "the upgrade to be refused");
+    assert.equal(opened, false);
+  });
+});
+
+describe("phoenix.js heartbeats against the gateway's idle timeout", () => {
+  const IDLE_MS = 2000;
+  const HEARTBEAT_MS = 500;
+  let gw;
+  before(async () => { gw = await startGateway({ args: ["--idle-timeout-ms", String(IDLE_MS)] }); });
+  afterEach(() => disconnectAll());
+  after(async () => { disconnectAll(); if (gw) await gw.stop(); });
+  const t = (name, fn) => test(name, { timeout: 30000 }, withLogs(() => gw, fn));
+
+  t("heartbeats are answered and keep the socket open past the idle timeout; a silent socket is dropped and the client reconnects and rejoins by itself", async () => {
+    const room = uniqueRoom("heartbeat");
+    // `beating` sends heartbeats well inside the idle timeout; `silent` (the default 30 s
+    // interval) sends nothing after joining, so the server drops it and the client must
+    // reconnect and rejoin on its own.
+    const [beating, silent] = await Promise.all([
+      connect(gw, { heartbeatIntervalMs: HEARTBEAT_MS }),
+      connect(gw, { reconnectAfterMs: () => 100 }),
+    ]);
+    const chBeat = beating.channel(`room:${room}`);
+    const chSilent = silent.channel(`room:${room}`);
+    const beatErrors = [];
+    chBeat.onError((e) => beatErrors.push(e));
+    let silentJoins = 0;
+    const silentPushes = [];
+    chSilent.join().receive("ok", () => {
+      silentJoins++;
+      // Right after the first rejoin (far from the next idle cut-off), the channel works again.
+      if (silentJoins === 2) {
+        chSilent.push("send_message", { sender: "silent", text: "back again" })
+          .receive("ok", (msg) => silentPushes.push({ status: "ok", msg }))
+          .receive("error", (msg) => silentPushes.push({ status: "error", msg }))
+          .receive("timeout", () => silentPushes.push({ status: "timeout" }));
+      }
+    });
+    await joinOk(chBeat);
+    await waitFor(() => silentJoins === 1, { what: "the silent socket's join" });
+
+    const watchMs = IDLE_MS * 2 + 1000;
+    await sleep(watchMs);
+
+    // The beating socket: one connection, never closed, every heartbeat answered in kind.
+    assert.equal(beating.log.connections.length, 1, "the heartbeating socket never reconnected");
+    assert.deepEqual(beating.log.closes, []);
+    assert.deepEqual(beatErrors, []);
+    const beats = sent(beating, (f) => f[2] === "phoenix" && f[3] === "heartbeat");
+    assert.ok(beats.length >= Math.floor(watchMs / HEARTBEAT_MS) - 3, `only ${beats.length} heartbeats sent in ${watchMs} ms`);
+    for (const hb of beats) assert.deepEqual([hb[0], hb[4]], [null, {}]);
+    const replies = received(beating, (f) => f[2] === "phoenix");
+    const answered = beats.filter((hb) => replies.some((r) => r[1] === hb[1]));
+    assert.ok(answered.length >= beats.length - 1, `${answered.length} of ${beats.length} heartbeats answered`);
+    for (const r of replies) assert.deepEqual(r, [null, r[1], "phoenix", "phx_reply", { status: "ok", response: {} }]);
+    assert.ok(beating.isConnected() && chBeat.isJoined());
+    await sendOk(chBeat, "beat", "still connected");
+
+    // The silent socket: dropped by the server (1000 "idle timeout"), then reconnected and
+    // rejoined by the client itself.
+    assert.ok(silent.log.closes.length >= 1, "the silent socket was dropped");
+    assert.equal(silent.log.closes[0].code, 1000);
+    assert.equal(silent.log.closes[0].reason, "idle timeout");
+    await waitFor(() => silentJoins >= 2, { timeout: 5000, what: "the silent channel to rejoin" });
+    await waitFor(() => silentPushes.length === 1, { timeout: 6000, what: "the reply to a push after the rejoin" });
+    assert.equal(silentPushes[0].status, "ok", JSON.stringify(silentPushes[0]));
+    assertMessage(silentPushes[0].msg, "silent", "back again");
+  });
+});
+
+describe("phoenix.js reconnects across a gateway restart", () => {
+  let gw1, gw2;
+  afterEach(() => disconnectAll());
+  after(async () => {
+    disconnectAll();
+    await Promise.all([gw1?.stop(), gw2?.stop()].filter(Boolean));
+  });
+
+  test("SIGTERM closes the socket with 1001; the client reconnects to the new gateway on the same port, rejoins, and pushes work", { timeout: 45000 }, withLogs(() => [gw1, gw2], async () => {
+    const room = uniqueRoom("restart");
+    gw1 = await startGateway();
+    const a = await connect(gw1);
+    const ch = a.channel(`room:${room}`);
+    const joins = [];
+    const errors = [];
+    ch.join().receive("ok", (resp) => joins.push(resp));
+    ch.onError((e) => errors.push(e));
+    await waitFor(() => joins.length === 1, { what: "the first join" });
+    const before = await sendOk(ch, "alice", "before restart");
+    assert.equal(before.id, 1);
+
+    const status = await gw1.stop();
+    assert.equal(status.code, 0, `gateway exit after SIGTERM: ${JSON.stringify(status)}`);
+    await waitFor(() => a.log.closes.length >= 1, { what: "the client to see the close" });
+    assert.equal(a.log.closes[0].code, 1001, `close frames: ${JSON.stringify(a.log.closes)}`);
+    await waitFor(() => errors.length >= 1, { what: "the channel to error on the lost connection" });
+
+    gw2 = await startGateway({ port: gw1.port });
+    assert.equal(gw2.port, gw1.port);
+    await waitFor(() => joins.length === 2 && ch.isJoined(), { timeout: 15000, what: "the client to rejoin by itself" });
+    assert.deepEqual(joins[1], { messages: [] }, "the new gateway's room starts empty");
+    const after = await sendOk(ch, "alice", "after restart");
+    assert.equal(after.id, 1);
+
+    // The rejoin used a new join_ref, and the push after it carries that join_ref.
+    const lastConn = a.log.connections.length - 1;
+    const rejoin = a.log.sent.filter((s) => s.conn === lastConn && s.frame[3] === "phx_join").map((s) => s.frame);
+    assert.equal(rejoin.length, 1);
+    const firstJoin = sent(a, (f) => f[3] === "phx_join")[0];
+    assert.notEqual(rejoin[0][0], firstJoin[0]);
+    const push = a.log.sent.filter((s) => s.conn === lastConn && s.frame[3] === "send_message").map((s) => s.frame);
+    assert.equal(push[0][0], rejoin[0][0]);
+  }));
+});
+
+describe("phoenix.js recovers from a join that times out (slow room start)", () => {
+  const path = require("node:path");
+  let gw;
+  before(async () => {
+    gw = await startGateway({ args: ["--room-script", path.join(__dirname, "fixtures", "slow-first-join.js")] });
+  });
+  afterEach(() => disconnectAll());
+  after(async () => { disconnectAll(); if (gw) await gw.stop(); });
+  const t = (name, fn) => test(name, { timeout: 30000 }, withLogs(() => gw, fn));
+
+  /**
+   * The first join of a new room takes 1.5 s (fixture); the client gives it 400 ms, then sends
+   * phx_leave for it and rejoins 100 ms later. Resolves once the rejoin is ok.
+   */
+  async function joinThroughTimeout(room) {
+    const topic = `room:${room}`;
+    const a = await connect(gw, { timeout: 400, rejoinAfterMs: () => 100 });
+    const ch = a.channel(topic);
+    const seen = collect(ch, "new_message");
+    const outcomes = [];
+    ch.join()
+      .receive("ok", () => outcomes.push("ok"))
+      .receive("error", (e) => outcomes.push(`error ${JSON.stringify(e)}`))
+      .receive("timeout", () => outcomes.push("timeout"));
+    await waitFor(() => outcomes.includes("ok"), { timeout: 10000, what: "the rejoin to succeed" });
+    assert.equal(outcomes[0], "timeout", `outcomes: ${outcomes}`);
+    assert.ok(ch.isJoined());
+    const frames = sent(a, (f) => f[2] === topic);
+    assert.deepEqual(frames.map((f) => f[3]).slice(0, 3), ["phx_join", "phx_leave", "phx_join"]);
+    const [join1, leave, join2] = frames;
+    assert.equal(leave[0], join1[0], "the leave names the timed-out join");
+    assert.notEqual(join2[0], join1[0], "the rejoin is a new join");
+    return { a, ch, topic, seen, join1, leave, join2 };
+  }
+
+  t("after a join timeout, the client's phx_leave is answered and its rejoin works", async () => {
+    const room = uniqueRoom("slowjoin");
+    const { a, ch, topic, join1, leave, join2 } = await joinThroughTimeout(room);
+    await sendOk(ch, "alice", "after the slow join");
+    // The server answers the leave of the timed-out join (ok, then phx_close to its join_ref)
+    // once that join is done; the client drops both as outdated, and stays joined.
+    await waitFor(() => received(a, (f) => f[1] === leave[1]).length === 1, { timeout: 5000, what: "the reply to the phx_leave" });
+    assert.deepEqual(received(a, (f) => f[1] === leave[1])[0], [join1[0], leave[1], topic, "phx_reply", { status: "ok", response: {} }]);
+    assert.ok(received(a, (f) => f[3] === "phx_close" && f[0] === join1[0]).length >= 1, "phx_close to the timed-out join");
+    assert.deepEqual(received(a, (f) => f[3] === "phx_close" && f[0] === join2[0]), [], "no phx_close to the current join");
+    assert.ok(ch.isJoined());
+    await waitFor(async () => (await roomInfo(gw, room))?.subscribers === 1, { what: "exactly 1 subscriber" });
+    await sendOk(ch, "alice", "still joined");
+  });
+
+  t("a join replaced while the server still runs it does not deliver messages twice", async () => {
+    const room = uniqueRoom("slowdup");
+    const { a, ch, seen } = await joinThroughTimeout(room);
+    // Sent while the timed-out join is still running on the server (it ends 1.5 s after it
+    // began). Phoenix serves one channel per topic and socket, so one broadcast is one frame.
+    const msg = await sendOk(ch, "alice", "after the slow join");
+    await sleep(1500);
+    const copies = received(a, (f) => f[3] === "new_message" && f[4].id === msg.id);
+    assert.equal(copies.length, 1, `one broadcast reached the socket ${copies.length} times: ${JSON.stringify(copies)}`);
+    assert.equal(seen.length, 1, "channel.on(\"new_message\") fired once");
+  });
+});
