@@ -279,3 +279,39 @@ async fn a_throwing_looping_or_hogging_call_fails_alone_and_the_room_keeps_its_s
     let texts: Vec<&str> = history.iter().filter_map(|m| m["text"].as_str()).collect();
     assert_eq!(texts, ["first", "second"]);
 }
+
+#[tokio::test]
+async fn an_async_call_cut_off_by_the_cpu_budget_in_a_promise_job_is_answered_with_timeout() {
+    let script = script_file(
+        "late-spin.js",
+        r#"
+        let count = 0;
+        function getHistory() { return []; }
+        async function spinAfterAwait() { await null; for (;;) {} }
+        function bump() { return ++count; }
+        "#,
+    );
+    // Caller timeouts far beyond the test's patience: only the CPU budget can answer in time.
+    let config = roomvisor::config::Config {
+        worker_bin: Some(std::path::PathBuf::from(env!("CARGO_BIN_EXE_room-worker"))),
+        room_script: script,
+        js_cpu_ms: 200,
+        call_timeout_ms: 600_000,
+        hard_timeout_ms: 600_000,
+        ..Default::default()
+    };
+    let supervisor =
+        roomvisor::supervisor::Supervisor::new(std::sync::Arc::new(config), roomvisor::pubsub::PubSub::new());
+    let r = room("late");
+    assert_eq!(supervisor.call(&r, "bump", "[]".into()).await.unwrap(), "1");
+    let pid = supervisor.rooms()[0].pid;
+    let answered =
+        tokio::time::timeout(Duration::from_secs(30), supervisor.call(&r, "spinAfterAwait", "[]".into()))
+            .await
+            .expect("the cut-off async call was never answered");
+    assert_eq!(answered.unwrap_err().reason(), "timeout");
+    // Same runtime, state intact.
+    assert_eq!(supervisor.call(&r, "bump", "[]".into()).await.unwrap(), "2");
+    assert_eq!(supervisor.rooms()[0].pid, pid);
+    supervisor.shutdown(Duration::from_secs(5)).await;
+}

@@ -213,12 +213,17 @@ impl Engine {
                 self.hooks.clone().restore(&ctx).catch(&ctx).map_err(|e| to_script_error(e, &self.budget))?;
             task(hooks).catch(&ctx).map_err(|e| to_script_error(e, &self.budget))
         });
-        self.run_jobs();
+        let cut_off = self.run_jobs();
         self.budget.stop();
+        if cut_off {
+            self.abandon_pending_calls();
+        }
         result
     }
 
-    fn run_jobs(&self) {
+    /// Runs the queued promise jobs; true if the CPU budget cut one off.
+    fn run_jobs(&self) -> bool {
+        let mut cut_off = false;
         loop {
             match self.runtime.execute_pending_job() {
                 Ok(true) => continue,
@@ -228,9 +233,30 @@ impl Engine {
                         let caught = ctx.catch();
                         script_error_from_value(&caught, &self.budget)
                     });
+                    cut_off |= error.kind == ScriptErrorKind::Timeout;
                     self.log_failure("promise job", &error);
                 }
             }
+        }
+        cut_off
+    }
+
+    /// A promise job cut off by the CPU budget may have been the continuation of any pending
+    /// async call, and that call's promise will never settle: answer them all with a timeout
+    /// rather than leave a caller waiting until the worker is killed as unresponsive.
+    fn abandon_pending_calls(&self) {
+        let abandoned = self.context.with(|ctx| -> rquickjs::Result<Vec<f64>> {
+            let hooks = self.hooks.clone().restore(&ctx)?;
+            let abandon: Function = hooks.get("abandonPendingCalls")?;
+            abandon.call(())
+        });
+        match abandoned {
+            Ok(ids) => {
+                for id in ids {
+                    self.host.reply(id as u64, Err(timeout_error(&self.budget)));
+                }
+            }
+            Err(e) => self.host.log(LogLevel::Error, &format!("abandoning pending calls failed: {e}")),
         }
     }
 

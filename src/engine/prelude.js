@@ -251,6 +251,17 @@
     native.replyError(callId, message, stack);
   };
 
+  // Async calls not yet answered. A promise job cut off by the CPU budget can leave one
+  // unsettled for ever, so the host then answers every pending call with a timeout
+  // (abandonPendingCalls), and a late settle of an abandoned call is dropped.
+  const pendingCalls = new Set();
+
+  const abandonPendingCalls = () => {
+    const ids = [...pendingCalls];
+    pendingCalls.clear();
+    return ids;
+  };
+
   const invoke = (callId, name, argsJson) => {
     const fn = lookup(name);
     if (fn === undefined) {
@@ -265,9 +276,10 @@
       return;
     }
     if (result !== null && typeof result === "object" && typeof result.then === "function") {
+      pendingCalls.add(callId);
       Promise.resolve(result).then(
-        (value) => replyValue(callId, value),
-        (err) => replyError(callId, err),
+        (value) => pendingCalls.delete(callId) && replyValue(callId, value),
+        (err) => pendingCalls.delete(callId) && replyError(callId, err),
       );
     } else {
       replyValue(callId, result);
@@ -276,5 +288,5 @@
 
   const timerWatermark = () => nextTimerId;
 
-  return { invoke, deliver, settleHostCall, runDueTimer, nextTimerAt, timerWatermark };
+  return { invoke, deliver, settleHostCall, runDueTimer, nextTimerAt, timerWatermark, abandonPendingCalls };
 });
