@@ -377,6 +377,16 @@ impl Channel {
                 self.outbox.send(reply);
             }
         }
+        // Frames the connection routed here before it heard that this channel ended (they
+        // were right behind a leave or a refused join) still get their answer.
+        frames.close();
+        while let Ok(frame) = frames.try_recv() {
+            if frame.event == phoenix::PHX_LEAVE {
+                self.outbox.send(frame.reply(&Reply::ok_empty()));
+            } else {
+                self.outbox.send(frame.reply_error("unmatched topic"));
+            }
+        }
         // Unsubscribed here too, before the connection hears that the task ended, so that no
         // broadcast follows the `phx_close` of a leave.
         self.ctx.supervisor.pubsub().unsubscribe_socket(&self.topic, self.subscription_id);
@@ -422,8 +432,12 @@ impl Channel {
 
     /// The arguments of `sendMessage`, or why the payload is refused.
     fn validate(&self, frame: &Frame) -> Result<String, String> {
-        let message: SendMessage = serde_json::from_str(frame.payload.get())
-            .map_err(|_| "invalid payload: expected {\"sender\": string, \"text\": string}".to_owned())?;
+        let invalid = || "invalid payload: expected {\"sender\": string, \"text\": string}".to_owned();
+        // serde would also read a struct from an array; the protocol's payloads are objects.
+        if !frame.payload.get().starts_with('{') {
+            return Err(invalid());
+        }
+        let message: SendMessage = serde_json::from_str(frame.payload.get()).map_err(|_| invalid())?;
         let config = &self.ctx.config;
         check_field("sender", &message.sender, config.max_sender_chars)?;
         check_field("text", &message.text, config.max_text_chars)?;

@@ -162,8 +162,11 @@ async fn blank_or_oversize_messages_are_refused_and_not_stored() {
         let reply = client.send_message(&join_ref, "room:strict", sender, text).await;
         assert_eq!(reply, json!({"status": "error", "response": {"reason": reason}}));
     }
-    let msg_ref = client.push(Some(&join_ref), "room:strict", "send_message", json!({"text": 5})).await;
-    assert_eq!(client.reply_to(&msg_ref).await["status"], "error");
+    let invalid = json!({"status": "error", "response": {"reason": "invalid payload: expected {\"sender\": string, \"text\": string}"}});
+    for payload in [json!({"text": 5}), json!(["ann", "an array is not an object"]), json!(null)] {
+        let msg_ref = client.push(Some(&join_ref), "room:strict", "send_message", payload).await;
+        assert_eq!(client.reply_to(&msg_ref).await, invalid);
+    }
     let mut later = gateway.connect().await;
     let (_, history) = later.join_ok("room:strict").await;
     assert!(history.is_empty(), "nothing was stored: {history:?}");
