@@ -114,7 +114,7 @@ async fn write_frames(
             }
             frame = outbound.recv() => match frame {
                 Some(frame) => {
-                    if sink.send(Message::Text(frame)).await.is_err() {
+                    if write_batch(&mut sink, frame, &mut outbound).await.is_err() {
                         break;
                     }
                 }
@@ -123,6 +123,28 @@ async fn write_frames(
         }
     }
     let _ = sink.close().await;
+}
+
+/// Frames written with one flush at most: enough to turn a backlog into few syscalls, few
+/// enough that a close waits little behind them.
+const MAX_WRITE_BATCH: usize = 64;
+
+/// Writes `first` and whatever else is already queued, then flushes once. Under fan-out a
+/// socket that falls behind gets its backlog in one write(2) instead of one per frame;
+/// a socket that keeps up still gets each frame at once.
+async fn write_batch(
+    sink: &mut SplitSink<WebSocket, Message>,
+    first: Utf8Bytes,
+    outbound: &mut mpsc::Receiver<Utf8Bytes>,
+) -> Result<(), axum::Error> {
+    sink.feed(Message::Text(first)).await?;
+    for _ in 1..MAX_WRITE_BATCH {
+        match outbound.try_recv() {
+            Ok(frame) => sink.feed(Message::Text(frame)).await?,
+            Err(_) => break,
+        }
+    }
+    sink.flush().await
 }
 
 struct JoinedChannel {
