@@ -1,0 +1,252 @@
+//! BENCHMARKS.md from the JSON results of `loadgen run`: the machine, every figure for each
+//! server side by side with the ratios roomvisor/limit and roomvisor/peer, and the budgets
+//! the benchmarks issue sets, each marked met or missed.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::stats::Better;
+use crate::RunResult;
+
+const SCENARIOS: [(&str, &str); 5] = [
+    ("cold-start", "new rooms joined one after another, then concurrently"),
+    ("fanout", "one room, one sender, every other socket a subscriber"),
+    ("many-rooms", "rooms of two clients, all sending"),
+    ("idle", "idle sockets, joined to a few rooms"),
+    ("rooms-memory", "live rooms with nobody in them"),
+];
+
+/// metric name → one value per round.
+type Figures = BTreeMap<String, Vec<f64>>;
+
+struct Table {
+    /// (scenario, server) → figures, in the order metrics were first seen.
+    figures: BTreeMap<(String, String), Figures>,
+    order: BTreeMap<String, Vec<(String, String, Better)>>,
+    shapes: BTreeMap<String, serde_json::Value>,
+    rounds: usize,
+}
+
+pub fn write(out: &Path, command: &str, paths: &[PathBuf]) -> Result<(), Box<dyn std::error::Error>> {
+    let mut table =
+        Table { figures: BTreeMap::new(), order: BTreeMap::new(), shapes: BTreeMap::new(), rounds: 0 };
+    for path in paths {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let result: RunResult =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        table.add(result);
+    }
+    if table.figures.is_empty() {
+        return Err("no results to report".into());
+    }
+    std::fs::write(out, table.render(command))?;
+    Ok(())
+}
+
+impl Table {
+    fn add(&mut self, result: RunResult) {
+        let order = self.order.entry(result.scenario.clone()).or_default();
+        let figures = self.figures.entry((result.scenario.clone(), result.server.clone())).or_default();
+        for metric in result.metrics.0 {
+            if !order.iter().any(|(name, _, _)| *name == metric.name) {
+                order.push((metric.name.clone(), metric.unit.clone(), metric.better));
+            }
+            let values = figures.entry(metric.name).or_default();
+            values.push(metric.value);
+            self.rounds = self.rounds.max(values.len());
+        }
+        self.shapes.entry(result.scenario).or_insert(result.shape);
+    }
+
+    /// The median over rounds, so one disturbed run does not decide a figure.
+    fn value(&self, scenario: &str, server: &str, metric: &str) -> Option<f64> {
+        let values = self.figures.get(&(scenario.to_owned(), server.to_owned()))?.get(metric)?;
+        let mut sorted = values.clone();
+        sorted.sort_by(f64::total_cmp);
+        sorted.get(sorted.len() / 2).copied()
+    }
+
+    fn render(&self, command: &str) -> String {
+        let mut md = String::new();
+        let _ = writeln!(md, "# Benchmarks\n");
+        let _ = writeln!(
+            md,
+            "Written by `{command}` (which calls `loadgen report`); do not edit by hand. \
+             Every figure is the median of {} round(s); in each round the scenarios ran against \
+             roomvisor, the limit and the peer one after another, each server freshly started.\n",
+            self.rounds
+        );
+        let _ = writeln!(md, "Machine: {}\n", machine());
+        let _ = writeln!(
+            md,
+            "- **roomvisor**: the release `gateway`, every room a QuickJS runtime in its own worker process.\n\
+             - **limit**: `benches/limit`, the same Phoenix v2 frames from one axum process with an in-process \
+             broadcast: no JS, no worker processes. roomvisor/limit is the cost of processes and JS.\n\
+             - **peer**: `benches/peer`, a Socket.IO 4 chat server on Node (rooms, history in memory, \
+             broadcast to the room), what a user would pick instead.\n\
+             - The load generator (`benches/loadgen`) runs on the same machine and shares its cores.\n"
+        );
+        self.render_budgets(&mut md);
+        for (scenario, description) in SCENARIOS {
+            let Some(order) = self.order.get(scenario) else { continue };
+            let shape = self.shapes.get(scenario).map(|s| s.to_string()).unwrap_or_default();
+            let _ = writeln!(md, "## {scenario}: {description}\n\nShape: `{shape}`\n");
+            let _ = writeln!(md, "| figure | roomvisor | limit | peer | roomvisor/limit | roomvisor/peer |");
+            let _ = writeln!(md, "|---|--:|--:|--:|--:|--:|");
+            for (metric, unit, better) in order {
+                let cell = |server| {
+                    self.value(scenario, server, metric)
+                        .map(|v| format!("{} {unit}", number(v)))
+                        .unwrap_or("–".into())
+                };
+                let ratio = |other| match (
+                    self.value(scenario, "roomvisor", metric),
+                    self.value(scenario, other, metric),
+                ) {
+                    (Some(ours), Some(theirs)) if theirs != 0.0 => format!("{:.2}", ours / theirs),
+                    _ => "–".to_owned(),
+                };
+                let arrow = match better {
+                    Better::Higher => "↑",
+                    Better::Lower => "↓",
+                };
+                let _ = writeln!(
+                    md,
+                    "| {metric} {arrow} | {} | {} | {} | {} | {} |",
+                    cell("roomvisor"),
+                    cell("limit"),
+                    cell("peer"),
+                    ratio("limit"),
+                    ratio("peer")
+                );
+            }
+            md.push('\n');
+        }
+        let _ = writeln!(
+            md,
+            "↑ higher is better, ↓ lower is better. Ratios are roomvisor's figure over the other's."
+        );
+        md
+    }
+
+    fn render_budgets(&self, md: &mut String) {
+        let ours = |scenario: &str, metric: &str| self.value(scenario, "roomvisor", metric);
+        let ratio = |scenario: &str, metric: &str, other: &str| {
+            Some(self.value(scenario, "roomvisor", metric)? / self.value(scenario, other, metric)?)
+        };
+        let fanout_rate = "deliveries/s, as fast as delivered";
+        let budgets: [(&str, Option<f64>, &str, bool); 9] = [
+            ("cold start p50 ≤ 5 ms", ours("cold-start", "first join, one after another p50"), "ms", true),
+            ("cold start p99 ≤ 20 ms", ours("cold-start", "first join, one after another p99"), "ms", true),
+            (
+                "idle room worker ≤ 5 MiB RSS (median)",
+                ours("rooms-memory", "worker RSS, median"),
+                "MiB",
+                true,
+            ),
+            ("gateway ≤ 16 KiB per idle socket", ours("idle", "server growth per socket"), "KiB", true),
+            ("fan-out ≥ 70% of the limit's deliveries/s", ratio("fanout", fanout_rate, "limit"), "×", false),
+            (
+                "fan-out send→receive p99 ≤ 10 ms at half the maximum rate",
+                ours("fanout", "send→receive at half speed p99"),
+                "ms",
+                true,
+            ),
+            ("fan-out ≥ 2× the peer's deliveries/s", ratio("fanout", fanout_rate, "peer"), "×", false),
+            ("many-rooms ≥ 2× the peer's deliveries/s", ratio("many-rooms", fanout_rate, "peer"), "×", false),
+            (
+                "many-rooms send→receive p99 ≤ 10 ms at half the maximum rate",
+                ours("many-rooms", "send→receive at half speed p99"),
+                "ms",
+                true,
+            ),
+        ];
+        let limits = [5.0, 20.0, 5.0, 16.0, 0.70, 10.0, 2.0, 2.0, 10.0];
+        let _ = writeln!(md, "## Budgets\n\n| budget | roomvisor | |\n|---|--:|---|");
+        for ((what, value, unit, at_most), limit) in budgets.iter().zip(limits) {
+            let (figure, verdict) = match value {
+                Some(v) => {
+                    let met = if *at_most { *v <= limit } else { *v >= limit };
+                    (format!("{} {unit}", number(*v)), if met { "met" } else { "**missed**" })
+                }
+                None => ("–".to_owned(), "not measured"),
+            };
+            let _ = writeln!(md, "| {what} | {figure} | {verdict} |");
+        }
+        md.push('\n');
+    }
+}
+
+fn number(v: f64) -> String {
+    if v.abs() >= 1000.0 {
+        let whole = format!("{:.0}", v);
+        let mut grouped = String::new();
+        for (i, digit) in whole.chars().enumerate() {
+            if i > 0 && (whole.len() - i) % 3 == 0 && digit.is_ascii_digit() {
+                grouped.push(',');
+            }
+            grouped.push(digit);
+        }
+        grouped
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// CPU model, core count, memory and kernel, from /proc.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(str::trim)
+        .unwrap_or("unknown CPU");
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kib| kib.parse::<f64>().ok())
+        .map(|kib| kib / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{model}, {cores} cores, {mem_gib:.1} GiB memory, Linux {}", kernel.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(number(1234567.4), "1,234,567");
+        assert_eq!(number(512.4), "512");
+        assert_eq!(number(12.34), "12.3");
+        assert_eq!(number(1.234), "1.23");
+    }
+
+    #[test]
+    fn the_median_of_rounds_is_reported() {
+        let mut table =
+            Table { figures: BTreeMap::new(), order: BTreeMap::new(), shapes: BTreeMap::new(), rounds: 0 };
+        for v in [3.0, 1.0, 2.0] {
+            let mut metrics = crate::stats::Metrics::default();
+            metrics.push("x", v, "ms", Better::Lower);
+            table.add(RunResult {
+                server: "roomvisor".into(),
+                scenario: "fanout".into(),
+                shape: serde_json::Value::Null,
+                metrics,
+            });
+        }
+        assert_eq!(table.value("fanout", "roomvisor", "x"), Some(2.0));
+        assert!(table.render("test").contains("| x ↓ | 2.00 ms | – | – | – | – |"));
+    }
+}

@@ -1,0 +1,315 @@
+//! The named load shapes. Each connects its clients, measures, and returns its figures; the
+//! same code drives every server, only the protocol differs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{self, StreamExt};
+use tokio::time::Instant;
+
+use crate::client::{Client, Error};
+use crate::procmem::Snapshot;
+use crate::stats::{Better, Latencies, Metrics};
+use crate::traffic::{Counts, Mode, Traffic};
+use crate::Target;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// 1,000 new rooms joined one after another, then 1,000 more 20 at a time.
+    ColdStart,
+    /// One room, 1,000 subscribers, one sender.
+    Fanout,
+    /// 1,000 rooms, 2 clients each, all sending.
+    ManyRooms,
+    /// 10,000 idle sockets in 100 rooms: gateway memory per socket.
+    Idle,
+    /// 2,000 live idle rooms: memory per room.
+    RoomsMemory,
+}
+
+/// The size of a run; each scenario reads the fields it needs. `scaled` shrinks a preset for
+/// a smoke run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Shape {
+    pub clients: usize,
+    pub rooms: usize,
+    pub concurrency: usize,
+    pub seconds: f64,
+    pub window: usize,
+}
+
+impl Scenario {
+    pub fn preset(self) -> Shape {
+        let shape = |clients, rooms| Shape { clients, rooms, concurrency: 20, seconds: 10.0, window: 8 };
+        match self {
+            Scenario::ColdStart => shape(0, 1_000),
+            Scenario::Fanout => shape(1_000, 1),
+            Scenario::ManyRooms => Shape { window: 1, ..shape(2_000, 1_000) },
+            Scenario::Idle => shape(10_000, 100),
+            Scenario::RoomsMemory => shape(0, 2_000),
+        }
+    }
+
+    pub async fn run(self, target: &Target, shape: &Shape) -> Result<Metrics, Error> {
+        let run_id = format!("{}-{}", std::process::id(), target.clock_tag());
+        match self {
+            Scenario::ColdStart => cold_start(target, shape, &run_id).await,
+            Scenario::Fanout => traffic(target, shape, &run_id).await,
+            Scenario::ManyRooms => traffic(target, shape, &run_id).await,
+            Scenario::Idle => idle(target, shape, &run_id).await,
+            Scenario::RoomsMemory => rooms_memory(target, shape, &run_id).await,
+        }
+    }
+}
+
+/// Connections are opened this many at a time: a burst of thousands of handshakes measures
+/// the kernel's accept queue, not the server.
+const CONNECT_CONCURRENCY: usize = 64;
+
+async fn connect_all(target: &Target, count: usize) -> Result<Vec<Client>, Error> {
+    let mut clients: Vec<Client> = stream::iter(0..count as u64)
+        .map(|id| Client::connect(target.protocol, &target.url, id))
+        .buffer_unordered(CONNECT_CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    clients.sort_by_key(|c| c.id);
+    Ok(clients)
+}
+
+/// Joins each client to its room; returns the clients with their join refs.
+async fn join_all(
+    clients: Vec<Client>,
+    room_of: impl Fn(u64) -> String,
+) -> Result<Vec<(Client, String, u64)>, Error> {
+    stream::iter(clients)
+        .map(|mut client| {
+            let room = room_of(client.id);
+            async move {
+                let join_ref = client.join(&room).await?;
+                Ok::<_, Error>((client, room, join_ref))
+            }
+        })
+        .buffer_unordered(CONNECT_CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+async fn cold_start(target: &Target, shape: &Shape, run_id: &str) -> Result<Metrics, Error> {
+    let before = target.memory();
+    let mut metrics = Metrics::default();
+
+    let mut one = Client::connect(target.protocol, &target.url, 0).await?;
+    let serial = join_and_leave(&mut one, (0..shape.rooms).map(|i| format!("cold-{run_id}-s{i}"))).await?;
+    metrics.latencies("first join, one after another", &serial);
+
+    let started = Instant::now();
+    let workers = (0..shape.concurrency).map(|k| {
+        let rooms: Vec<String> =
+            (k..shape.rooms).step_by(shape.concurrency).map(|i| format!("cold-{run_id}-c{i}")).collect();
+        let target = target.clone();
+        tokio::spawn(async move {
+            let mut client = Client::connect(target.protocol, &target.url, 1 + k as u64).await?;
+            join_and_leave(&mut client, rooms.into_iter()).await
+        })
+    });
+    let mut concurrent = Latencies::default();
+    for worker in workers.collect::<Vec<_>>() {
+        concurrent.merge(&worker.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    metrics.latencies("first join, concurrently", &concurrent);
+    metrics.push("new rooms/s, concurrently", concurrent.len() as f64 / elapsed, "/s", Better::Higher);
+    target.memory_metrics(&mut metrics, &before, shape.rooms * 2, "room");
+    Ok(metrics)
+}
+
+/// Joins each room (starting it) and leaves again, so one socket can open any number of
+/// rooms; returns the join latencies.
+async fn join_and_leave(
+    client: &mut Client,
+    rooms: impl Iterator<Item = String>,
+) -> Result<Latencies, Error> {
+    let mut latencies = Latencies::default();
+    for room in rooms {
+        let started = Instant::now();
+        let join_ref = client.join(&room).await?;
+        latencies.record(started.elapsed());
+        client.leave(&room, join_ref).await?;
+    }
+    Ok(latencies)
+}
+
+/// `fanout` and `many-rooms`: as fast as the server delivers, then at half that rate.
+async fn traffic(target: &Target, shape: &Shape, run_id: &str) -> Result<Metrics, Error> {
+    let rooms = shape.rooms.max(1);
+    let per_room = (shape.clients / rooms).max(1);
+    let fanout = rooms == 1;
+    let senders = if fanout { 1 } else { shape.clients };
+    // A fan-out sender may run at most a few messages ahead of its receivers (see traffic.rs).
+    let backlog = fanout.then_some((per_room as u64, shape.window as u64));
+    let traffic = Arc::new(Traffic::new(2, backlog));
+
+    let clients = connect_all(target, shape.clients).await?;
+    let joined = join_all(clients, |id| format!("load-{run_id}-{}", id as usize % rooms)).await?;
+    let before = target.memory();
+    let tasks: Vec<_> = joined
+        .into_iter()
+        .map(|(client, room, join_ref)| {
+            let sends = !fanout || client.id == 0;
+            tokio::spawn(client.drive(room, join_ref, sends, traffic.clone()))
+        })
+        .collect();
+
+    let window = Duration::from_secs_f64(shape.seconds);
+    // Warm up at full speed, then measure it.
+    traffic.set_mode(Mode::Max { window: shape.window });
+    tokio::time::sleep(window.min(Duration::from_secs(2))).await;
+    traffic.measure(0);
+    let max = measure(&traffic, window).await;
+    // Memory under full load, while queues are at their fullest.
+    let mut memory = Metrics::default();
+    target.memory_metrics(&mut memory, &before, 0, "room");
+    traffic.set_mode(Mode::Quiet);
+    traffic.drain(per_room as u64, Duration::from_secs(5)).await;
+
+    // Half the rate just measured, spread over every sender.
+    let half_rate = (max.pushes as f64 / window.as_secs_f64() / 2.0).max(1.0);
+    let interval = Duration::from_secs_f64(senders as f64 / half_rate);
+    traffic.measure(1);
+    traffic.set_mode(Mode::Paced { interval });
+    let paced = measure(&traffic, window).await;
+    traffic.set_mode(Mode::Quiet);
+    traffic.drain(per_room as u64, Duration::from_secs(5)).await;
+    traffic.stop();
+    for task in tasks {
+        let _ = task.await;
+    }
+
+    let secs = window.as_secs_f64();
+    let mut metrics = Metrics::default();
+    metrics.push("pushes/s, as fast as delivered", max.pushes as f64 / secs, "/s", Better::Higher);
+    metrics.push("deliveries/s, as fast as delivered", max.deliveries as f64 / secs, "/s", Better::Higher);
+    metrics.latencies("send→receive at full speed", &traffic.latencies(0));
+    metrics.push("pushes/s, paced at half", paced.pushes as f64 / secs, "/s", Better::Higher);
+    metrics.push("deliveries/s, paced at half", paced.deliveries as f64 / secs, "/s", Better::Higher);
+    metrics.latencies("send→receive at half speed", &traffic.latencies(1));
+    let errors: u64 = traffic.errors().values().sum();
+    metrics.push("errors", errors as f64, "", Better::Lower);
+    metrics.0.extend(memory.0);
+    report_errors(&traffic);
+    Ok(metrics)
+}
+
+/// Counters over one measured window.
+async fn measure(traffic: &Traffic, window: Duration) -> Counts {
+    let start = traffic.counts();
+    tokio::time::sleep(window).await;
+    let end = traffic.counts();
+    Counts {
+        pushes: end.pushes - start.pushes,
+        deliveries: end.deliveries - start.deliveries,
+        ok_replies: end.ok_replies - start.ok_replies,
+        error_replies: end.error_replies - start.error_replies,
+    }
+}
+
+fn report_errors(traffic: &Traffic) {
+    for (what, count) in traffic.errors() {
+        eprintln!("  error ×{count}: {what}");
+    }
+}
+
+async fn idle(target: &Target, shape: &Shape, run_id: &str) -> Result<Metrics, Error> {
+    let before = target.memory();
+    let started = Instant::now();
+    let clients = connect_all(target, shape.clients).await?;
+    let rooms = shape.rooms.max(1);
+    let joined = join_all(clients, |id| format!("idle-{run_id}-{}", id as usize % rooms)).await?;
+    let setup = started.elapsed().as_secs_f64();
+    let traffic = Arc::new(Traffic::new(0, None));
+    let tasks: Vec<_> = joined
+        .into_iter()
+        .map(|(client, room, join_ref)| tokio::spawn(client.drive(room, join_ref, false, traffic.clone())))
+        .collect();
+    // Let the server settle (buffers shrink, workers finish starting) before reading memory.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut metrics = Metrics::default();
+    metrics.push("sockets connected and joined/s", shape.clients as f64 / setup, "/s", Better::Higher);
+    target.memory_metrics(&mut metrics, &before, shape.clients, "socket");
+    traffic.stop();
+    for task in tasks {
+        let _ = task.await;
+    }
+    let errors: u64 = traffic.errors().values().sum();
+    metrics.push("errors", errors as f64, "", Better::Lower);
+    report_errors(&traffic);
+    Ok(metrics)
+}
+
+async fn rooms_memory(target: &Target, shape: &Shape, run_id: &str) -> Result<Metrics, Error> {
+    let before = target.memory();
+    let workers = (0..shape.concurrency).map(|k| {
+        let rooms: Vec<String> =
+            (k..shape.rooms).step_by(shape.concurrency).map(|i| format!("mem-{run_id}-{i}")).collect();
+        let target = target.clone();
+        tokio::spawn(async move {
+            let mut client = Client::connect(target.protocol, &target.url, k as u64).await?;
+            join_and_leave(&mut client, rooms.into_iter()).await
+        })
+    });
+    for worker in workers.collect::<Vec<_>>() {
+        worker.await??;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut metrics = Metrics::default();
+    target.memory_metrics(&mut metrics, &before, shape.rooms, "room");
+    Ok(metrics)
+}
+
+impl Target {
+    fn memory(&self) -> Option<Snapshot> {
+        self.pid.map(Snapshot::take)
+    }
+
+    /// The server's growth since `before`, its workers, and the cost per `unit` (socket or
+    /// room) when `units` is not zero.
+    fn memory_metrics(&self, metrics: &mut Metrics, before: &Option<Snapshot>, units: usize, unit: &str) {
+        let (Some(before), Some(now)) = (before, self.memory()) else { return };
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        let grown = now.server.rss_kib.saturating_sub(before.server.rss_kib);
+        metrics.push("server RSS", mib(now.server.rss_kib), "MiB", Better::Lower);
+        let workers = now.children_total();
+        if !now.children.is_empty() {
+            let mut rss: Vec<u64> = now.children.iter().map(|m| m.rss_kib).collect();
+            rss.sort_unstable();
+            metrics.push("worker processes", now.children.len() as f64, "", Better::Lower);
+            metrics.push("workers RSS, sum", mib(workers.rss_kib), "MiB", Better::Lower);
+            metrics.push("workers PSS, sum", mib(workers.pss_kib), "MiB", Better::Lower);
+            metrics.push("worker RSS, median", mib(rss[rss.len() / 2]), "MiB", Better::Lower);
+            metrics.push("worker RSS, max", mib(rss[rss.len() - 1]), "MiB", Better::Lower);
+        }
+        if units > 0 {
+            metrics.push(
+                format!("server growth per {unit}"),
+                grown as f64 / units as f64,
+                "KiB",
+                Better::Lower,
+            );
+            let added_workers = workers.pss_kib.saturating_sub(before.children_total().pss_kib);
+            let total = grown + added_workers;
+            if unit == "room" && !now.children.is_empty() {
+                metrics.push(
+                    format!("total per {unit} (server growth + worker PSS)"),
+                    total as f64 / units as f64,
+                    "KiB",
+                    Better::Lower,
+                );
+            }
+        }
+    }
+}
