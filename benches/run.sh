@@ -17,6 +17,8 @@ SCENARIOS=${SCENARIOS:-"cold-start fanout many-rooms idle rooms-memory"}
 SERVERS=${SERVERS:-"roomvisor limit peer"}
 SECONDS_PER_PHASE=${SECONDS_PER_PHASE:-10}
 REPORT=${REPORT:-BENCHMARKS.md}
+# Extra loadgen flags (e.g. "--clients 50 --rooms 10" for a smoke run); empty for the presets.
+LOADGEN_ARGS=${LOADGEN_ARGS:-}
 results=target/bench-results
 logs=target/bench-logs
 
@@ -74,7 +76,7 @@ for round in $(seq "$ROUNDS"); do
       start_server "$server" "$round-$scenario-$server"
       if ! target/release/loadgen run --name "$server" --protocol "$(protocol_of "$server")" \
           --scenario "$scenario" --url "$server_url" --pid "$server_pid" \
-          --seconds "$SECONDS_PER_PHASE" --json "$results/$round-$scenario-$server.json"; then
+          --seconds "$SECONDS_PER_PHASE" $LOADGEN_ARGS --json "$results/$round-$scenario-$server.json"; then
         echo "!! $scenario against $server failed" >&2
         failed=1
       fi
