@@ -17,6 +17,8 @@ SCENARIOS=${SCENARIOS:-"cold-start fanout many-rooms idle rooms-memory"}
 SERVERS=${SERVERS:-"roomvisor limit peer"}
 SECONDS_PER_PHASE=${SECONDS_PER_PHASE:-10}
 REPORT=${REPORT:-BENCHMARKS.md}
+# release for figures worth reporting; CI's smoke run uses debug, which cargo test has built.
+PROFILE=${PROFILE:-release}
 # Extra loadgen flags (e.g. "--clients 50 --rooms 10" for a smoke run); empty for the presets.
 LOADGEN_ARGS=${LOADGEN_ARGS:-}
 results=target/bench-results
@@ -25,10 +27,18 @@ logs=target/bench-logs
 # 10,000 sockets on each side of the loopback need more descriptors than a usual soft limit.
 ulimit -n "$(ulimit -Hn)"
 
-echo "== building (release)"
-cargo build --release --locked -p roomvisor -p limit-server -p loadgen
-echo "== installing the peer's npm packages"
-(cd benches/peer && npm ci --no-audit --no-fund --loglevel=error)
+echo "== building ($PROFILE)"
+if [ "$PROFILE" = release ]; then
+  cargo build --release --locked -p roomvisor -p limit-server -p loadgen
+else
+  cargo build --locked -p roomvisor -p limit-server -p loadgen
+fi
+bin="target/$PROFILE"
+case " $SERVERS " in
+  *" peer "*)
+    echo "== installing the peer's npm packages"
+    (cd benches/peer && npm ci --no-audit --no-fund --loglevel=error) ;;
+esac
 
 rm -rf "$results" "$logs"
 mkdir -p "$results" "$logs"
@@ -42,9 +52,9 @@ start_server() {
   case "$name" in
     # The per-socket rate limit would cap a fan-out sender at 50 pushes/s, and 2,000 rooms
     # exceed the default live-room limit; the other limits stay at their defaults.
-    roomvisor) target/release/gateway --port 0 --rate-per-sec 1000000 --rate-burst 1000000 \
+    roomvisor) "$bin/gateway" --port 0 --rate-per-sec 1000000 --rate-burst 1000000 \
                  --max-rooms 100000 >"$out" 2>"$log" & ;;
-    limit)     target/release/limit-server --port 0 >"$out" 2>"$log" & ;;
+    limit)     "$bin/limit-server" --port 0 >"$out" 2>"$log" & ;;
     peer)      node benches/peer/server.js --port 0 >"$out" 2>"$log" & ;;
     *) echo "unknown server $name" >&2; exit 2 ;;
   esac
@@ -74,7 +84,7 @@ for round in $(seq "$ROUNDS"); do
     for server in $SERVERS; do
       echo "== round $round: $scenario against $server"
       start_server "$server" "$round-$scenario-$server"
-      if ! target/release/loadgen run --name "$server" --protocol "$(protocol_of "$server")" \
+      if ! "$bin/loadgen" run --name "$server" --protocol "$(protocol_of "$server")" \
           --scenario "$scenario" --url "$server_url" --pid "$server_pid" \
           --seconds "$SECONDS_PER_PHASE" $LOADGEN_ARGS --json "$results/$round-$scenario-$server.json"; then
         echo "!! $scenario against $server failed" >&2
@@ -87,6 +97,6 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
-target/release/loadgen report --out "$REPORT" --command "benches/run.sh (ROUNDS=$ROUNDS)" "$results"/*.json
+"$bin/loadgen" report --out "$REPORT" --command "benches/run.sh (ROUNDS=$ROUNDS)" "$results"/*.json
 echo "results: $results; server logs: $logs"
 exit "$failed"
