@@ -86,10 +86,14 @@ pub async fn run(config: Config) -> std::io::Result<()> {
 
     shutdown.trigger();
     connections.close();
-    if tokio::time::timeout(SOCKET_CLOSE_GRACE, connections.wait()).await.is_err() {
-        tracing::warn!("some sockets did not close in time");
-    }
-    supervisor.shutdown(config.shutdown_grace()).await;
+    // Sockets close and workers stop side by side, so the whole shutdown stays within the
+    // workers' grace (5 s by default) even when a client never answers its close frame.
+    let sockets_closed = async {
+        if tokio::time::timeout(SOCKET_CLOSE_GRACE, connections.wait()).await.is_err() {
+            tracing::warn!("some sockets did not close in time");
+        }
+    };
+    tokio::join!(sockets_closed, supervisor.shutdown(config.shutdown_grace()));
     tracing::info!("gateway stopped");
     served
 }

@@ -56,8 +56,22 @@ async fn a_client_that_never_reads_is_disconnected_and_the_rest_of_the_room_keep
         Gateway::start(&["--outbound-queue", "16", "--rate-per-sec", "100000", "--rate-burst", "100000"]);
     let mut slow = gateway.connect().await;
     let mut sender = gateway.connect().await;
+    let mut bystander = gateway.connect().await;
     slow.join_ok("room:fanout").await;
     let (join_ref, _) = sender.join_ok("room:fanout").await;
+    bystander.join_ok("room:fanout").await;
+    // Another reader in the room, reading as it goes. It has the same 16-frame queue as the
+    // slow one, so had it ever waited behind the slow client it would be cut off too.
+    let bystander = tokio::spawn(async move {
+        let mut bulk = 0;
+        loop {
+            let message = bystander.next_event("new_message").await;
+            if message[4]["text"] == "after" {
+                return (bulk, bystander);
+            }
+            bulk += 1;
+        }
+    });
 
     // Enough bulk to fill the slow client's socket buffers and then its queue.
     let text = "x".repeat(3900);
@@ -76,8 +90,10 @@ async fn a_client_that_never_reads_is_disconnected_and_the_rest_of_the_room_keep
     assert_eq!(reply["status"], "ok");
     let after = sender.recv_until(|f| f[3] == "new_message" && f[4]["text"] == "after").await;
     assert_eq!(after[4]["sender"], "bulk");
-    common::wait_for(|| (gateway.rooms()[0]["subscribers"] == 1).then_some(()))
-        .expect("the slow client was unsubscribed");
+    let (received, _still_joined) = bystander.await.expect("the bystander reads");
+    assert_eq!(received, sent, "the bystander missed messages");
+    common::wait_for(|| (gateway.rooms()[0]["subscribers"] == 2).then_some(()))
+        .expect("only the slow client was unsubscribed");
     drop(slow);
 }
 

@@ -174,3 +174,32 @@ async fn a_worker_that_never_reads_its_stdin_is_killed_at_the_hard_timeout() {
     let (join_ref, _) = client.join_ok("room:deaf").await;
     assert_eq!(client.send_message(&join_ref, "room:deaf", "ann", "hi").await["status"], "ok");
 }
+
+#[tokio::test]
+async fn sigterm_with_a_deaf_worker_and_a_silent_client_still_exits_0_within_5_s() {
+    // Ready, then deaf to everything, the Shutdown frame included; the hard timeout is far
+    // off, so only the shutdown grace can end it.
+    let fake = FakeWorker::new(1, &framed(&[FromWorker::Ready]), false);
+    let mut gateway = fake.gateway(&[
+        "--call-timeout-ms",
+        "300",
+        "--hard-timeout-ms",
+        "60000",
+        "--shutdown-grace-ms",
+        "4500",
+    ]);
+    let mut client = gateway.connect().await;
+    let (_, reply) = client.join("room:deaf").await;
+    assert_eq!(reply["response"]["reason"], "timeout");
+    let deaf_pid = fake.bad_pid();
+    // The client never reads again, so it never answers the server's close frame either.
+    gateway.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(
+        gateway.wait_exit(Duration::from_secs(5)),
+        Some(0),
+        "sockets and workers are shut down side by side, within the 4.5 s grace"
+    );
+    assert!(gateway.log_contains("still running after"), "the deaf worker was killed at the grace");
+    assert!(common::process(deaf_pid).is_none(), "the deaf worker was reaped");
+    drop(client);
+}
