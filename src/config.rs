@@ -107,6 +107,19 @@ pub struct Config {
     #[arg(long, env = "ROOMVISOR_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
     pub idle_timeout_ms: u64,
 
+    /// Join a cluster of gateways through this NATS server (JetStream enabled); alone without.
+    #[arg(long, env = "ROOMVISOR_CLUSTER", value_name = "nats://HOST:PORT")]
+    pub cluster: Option<String>,
+
+    /// This gateway's name in the cluster. Default: host name and pid.
+    #[arg(long, env = "ROOMVISOR_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// A room's lease in the cluster: a node that stops renewing (it died) loses its rooms
+    /// after this long, and they start fresh elsewhere on next use.
+    #[arg(long, env = "ROOMVISOR_CLUSTER_LEASE_MS", default_value_t = 5_000)]
+    pub cluster_lease_ms: u64,
+
     /// On SIGTERM/SIGINT, workers get this long to exit before they are killed.
     #[arg(long, env = "ROOMVISOR_SHUTDOWN_GRACE_MS", default_value_t = 5_000)]
     pub shutdown_grace_ms: u64,
@@ -141,6 +154,10 @@ impl Config {
 
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    pub fn cluster_lease(&self) -> Duration {
+        Duration::from_millis(self.cluster_lease_ms)
     }
 
     pub fn shutdown_grace(&self) -> Duration {

@@ -10,6 +10,7 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::pubsub::PubSub;
@@ -51,7 +52,20 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     let listener = TcpListener::bind((config.bind, config.port)).await?;
     let address = listener.local_addr()?;
     let config = Arc::new(config);
-    let supervisor = Supervisor::new(config.clone(), PubSub::new());
+    let pubsub = PubSub::new();
+    let cluster = match &config.cluster {
+        None => None,
+        Some(url) => {
+            let node = config.node_id.clone().unwrap_or_else(crate::cluster::default_node_id);
+            let cluster =
+                Cluster::connect(url, node, config.cluster_lease()).await.map_err(std::io::Error::other)?;
+            cluster.attach(pubsub.clone());
+            tracing::info!(node = cluster.node(), "joining the cluster at {url}");
+            Some(cluster)
+        }
+    };
+    let supervisor = Supervisor::with_cluster(config.clone(), pubsub, cluster);
+    supervisor.join_cluster();
     let shutdown = Shutdown::new();
     let connections = TaskTracker::new();
     let state = AppState {

@@ -99,12 +99,29 @@ fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), String> {
 }
 
 async fn rooms(State(state): State<AppState>) -> impl IntoResponse {
-    Json(state.socket.supervisor.rooms())
+    Json(state.socket.supervisor.rooms_in_cluster().await)
 }
 
-async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
-    let status = if state.socket.shutdown.is_triggered() { "shutting down" } else { "ok" };
-    Json(json!({ "status": status, "rooms": state.socket.supervisor.live_room_count() }))
+/// 200 with `"status": "ok"` when ready; 503 while shutting down or, in a cluster, while NATS
+/// is unreachable (rooms this node does not already run cannot be reached then).
+async fn healthz(State(state): State<AppState>) -> Response {
+    let supervisor = &state.socket.supervisor;
+    let mut body = json!({ "status": "ok", "rooms": supervisor.live_room_count() });
+    let mut ready = true;
+    if let Some(cluster) = supervisor.cluster() {
+        let nats = if cluster.is_connected() { "connected" } else { "disconnected" };
+        ready = cluster.is_ready();
+        body["cluster"] = json!({ "node": cluster.node(), "nats": nats, "ready": ready });
+        if !ready {
+            body["status"] = json!("not ready");
+        }
+    }
+    if state.socket.shutdown.is_triggered() {
+        ready = false;
+        body["status"] = json!("shutting down");
+    }
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(body)).into_response()
 }
 
 #[cfg(test)]

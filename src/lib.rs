@@ -5,6 +5,7 @@
 //! [`phoenix`] frames, [`pubsub`] fans broadcasts out, [`supervisor`] starts and reaps
 //! [`room`] workers. The worker side: [`worker`] drives an [`engine`] over [`ipc`] frames.
 
+pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod gateway;

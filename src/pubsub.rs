@@ -4,13 +4,18 @@
 //! encoded once for all of them, and runtimes, which receive BroadcastChannel messages.
 //! Nothing here awaits: a publisher never waits for a slow subscriber. A socket whose queue
 //! is full is flagged as overflowed and its connection closes itself.
+//!
+//! In a cluster, the PubSub also tells the cluster bridge which topics this node has open and
+//! hands it what is published here; what other nodes publish comes back through the
+//! `*_from_cluster` entry points and is delivered locally only, so nothing is delivered twice.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// A socket's bounded outbound queue.
@@ -69,21 +74,71 @@ impl Topic {
     }
 }
 
+/// What the PubSub asks of the cluster bridge, in the order it happened.
+#[derive(Debug)]
+pub enum ClusterCommand {
+    /// This node has its first subscriber (socket or runtime) on the topic.
+    Open(String),
+    /// This node's last subscriber left the topic.
+    Close(String),
+    /// A frame for the topic's sockets, encoded once.
+    PublishFrame { topic: String, frame: Utf8Bytes },
+    /// A BroadcastChannel post, for the runtimes with the channel open.
+    PublishPost(ChannelMessage),
+    /// Answered once everything before it, subscriptions included, has reached NATS.
+    Synced(oneshot::Sender<()>),
+}
+
 #[derive(Default)]
 pub struct PubSub {
     topics: RwLock<HashMap<String, Topic>>,
     next_id: AtomicU64,
+    cluster: OnceLock<mpsc::UnboundedSender<ClusterCommand>>,
 }
+
+/// How long a join waits for its topic's cluster subscription before it goes on anyway.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl PubSub {
     pub fn new() -> Arc<PubSub> {
         Arc::new(PubSub::default())
     }
 
+    /// Joins this PubSub to a cluster: from now on it reports topics opened and closed and
+    /// hands over what is published here. Topics already open are reported at once.
+    pub fn attach_cluster(&self, commands: mpsc::UnboundedSender<ClusterCommand>) {
+        let open: Vec<String> =
+            self.topics.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        for topic in open {
+            let _ = commands.send(ClusterCommand::Open(topic));
+        }
+        let _ = self.cluster.set(commands);
+    }
+
+    fn tell_cluster(&self, command: ClusterCommand) {
+        if let Some(cluster) = self.cluster.get() {
+            let _ = cluster.send(command);
+        }
+    }
+
+    /// Resolves once the cluster has every subscription made so far, so that a join reads
+    /// its history only after it can no longer miss a message from another node.
+    pub async fn synced(&self) {
+        let Some(cluster) = self.cluster.get() else { return };
+        let (done, synced) = oneshot::channel();
+        if cluster.send(ClusterCommand::Synced(done)).is_ok() {
+            let _ = tokio::time::timeout(SYNC_TIMEOUT, synced).await;
+        }
+    }
+
     pub fn subscribe_socket(&self, topic: &str, outbox: Outbox) -> SubscriptionId {
         let id = SubscriptionId(self.next_id.fetch_add(1, Ordering::Relaxed));
         self.write(|topics| {
-            topics.entry(topic.to_owned()).or_default().sockets.insert(id, outbox);
+            let entry = topics.entry(topic.to_owned()).or_default();
+            if entry.is_empty() {
+                self.tell_cluster(ClusterCommand::Open(topic.to_owned()));
+            }
+            entry.sockets.insert(id, outbox);
         });
         id
     }
@@ -96,7 +151,11 @@ impl PubSub {
 
     pub fn subscribe_runtime(&self, channel: &str, runtime: u64, inbox: RuntimeInbox) {
         self.write(|topics| {
-            topics.entry(channel.to_owned()).or_default().runtimes.insert(runtime, inbox);
+            let entry = topics.entry(channel.to_owned()).or_default();
+            if entry.is_empty() {
+                self.tell_cluster(ClusterCommand::Open(channel.to_owned()));
+            }
+            entry.runtimes.insert(runtime, inbox);
         });
     }
 
@@ -106,14 +165,32 @@ impl PubSub {
         });
     }
 
-    /// Sends one pre-encoded frame to every socket on the topic; returns how many took it.
+    /// Sends one pre-encoded frame to every socket on the topic, in the whole cluster;
+    /// returns how many sockets of this node took it.
     pub fn broadcast(&self, topic: &str, frame: &Utf8Bytes) -> usize {
+        self.tell_cluster(ClusterCommand::PublishFrame { topic: topic.to_owned(), frame: frame.clone() });
+        self.broadcast_local(topic, frame)
+    }
+
+    /// Sends one pre-encoded frame to this node's sockets on the topic only.
+    pub fn broadcast_local(&self, topic: &str, frame: &Utf8Bytes) -> usize {
         self.read(topic, |t| t.sockets.values().filter(|outbox| outbox.send(frame.clone())).count())
     }
 
-    /// Delivers a BroadcastChannel post to every runtime with the channel open, except the
-    /// poster's own. Returns how many runtimes took it.
+    /// Delivers a BroadcastChannel post to every runtime with the channel open, in the whole
+    /// cluster, except the poster's own. Returns how many runtimes of this node took it.
     pub fn deliver_to_runtimes(&self, message: &ChannelMessage, except_runtime: u64) -> usize {
+        self.tell_cluster(ClusterCommand::PublishPost(message.clone()));
+        self.deliver_locally(message, except_runtime)
+    }
+
+    /// A BroadcastChannel post another node published.
+    pub fn post_from_cluster(&self, message: &ChannelMessage) -> usize {
+        // Runtime ids start at 1: no local runtime is skipped.
+        self.deliver_locally(message, 0)
+    }
+
+    fn deliver_locally(&self, message: &ChannelMessage, except_runtime: u64) -> usize {
         self.read(&message.channel, |t| {
             t.runtimes
                 .iter()
@@ -151,6 +228,7 @@ impl PubSub {
                 f(t);
                 if t.is_empty() {
                     topics.remove(topic);
+                    self.tell_cluster(ClusterCommand::Close(topic.to_owned()));
                 }
             }
         })

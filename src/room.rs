@@ -84,6 +84,10 @@ pub enum RoomError {
     Script(ScriptError),
     /// The worker could not be started at all.
     Unavailable(String),
+    /// Another node's room failed; carries the reason that node gave.
+    Remote(String),
+    /// In a cluster: another node holds the room's lease.
+    OwnedElsewhere,
 }
 
 impl RoomError {
@@ -96,6 +100,8 @@ impl RoomError {
             RoomError::Script(e) if e.kind == ScriptErrorKind::Timeout => "timeout".to_owned(),
             RoomError::Script(e) => e.message.clone(),
             RoomError::Unavailable(why) => format!("room unavailable: {why}"),
+            RoomError::Remote(reason) => reason.clone(),
+            RoomError::OwnedElsewhere => "room is owned by another node".to_owned(),
         }
     }
 }

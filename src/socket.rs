@@ -417,6 +417,9 @@ impl Channel {
     }
 
     async fn join(&self, join: &Frame) -> bool {
+        // In a cluster, the topic's subscription must reach NATS before the history is read,
+        // or a message sent on another node in between would be missed.
+        self.ctx.supervisor.pubsub().synced().await;
         let args = format!("[{}]", self.ctx.config.history_on_join);
         let reply = match self.ctx.supervisor.call(&self.room, "getHistory", args).await {
             Ok(history) => match RawValue::from_string(format!(r#"{{"messages":{history}}}"#)) {

@@ -15,6 +15,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::calls::{self, RemoteError};
+use crate::cluster::leases::{Claim, Holder};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::phoenix;
 use crate::pubsub::PubSub;
@@ -43,6 +46,8 @@ struct State {
     /// Every worker not yet reaped, by runtime id, so shutdown can reach starting ones too.
     workers: HashMap<u64, RoomHandle>,
     crashes: HashMap<RoomId, CrashRecord>,
+    /// In a cluster: rooms this node's subscribers use on other nodes, by the holder last seen.
+    remote_rooms: HashMap<RoomId, Holder>,
     shutting_down: bool,
 }
 
@@ -50,11 +55,15 @@ struct State {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct RoomInfo {
     pub id: String,
-    pub pid: u32,
-    /// Milliseconds since the Unix epoch.
-    pub started_at: u64,
+    /// The node that runs the room.
+    pub node: String,
+    /// The worker's pid, started_at (ms since the Unix epoch) and calls are known only on the
+    /// node that runs the room; null for rooms of other nodes.
+    pub pid: Option<u32>,
+    pub started_at: Option<u64>,
+    /// Sockets of this node joined to the room.
     pub subscribers: usize,
-    pub calls: u64,
+    pub calls: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -65,6 +74,9 @@ pub struct Supervisor {
 struct Inner {
     config: Arc<Config>,
     pubsub: Arc<PubSub>,
+    cluster: Option<Cluster>,
+    /// This node's name in `/api/rooms`: the cluster's node id, or "local".
+    node: String,
     state: Mutex<State>,
     next_runtime: AtomicU64,
     monitors: TaskTracker,
@@ -72,10 +84,18 @@ struct Inner {
 
 impl Supervisor {
     pub fn new(config: Arc<Config>, pubsub: Arc<PubSub>) -> Supervisor {
+        Supervisor::with_cluster(config, pubsub, None)
+    }
+
+    /// A supervisor that is one node of a cluster; call [`Supervisor::join_cluster`] next.
+    pub fn with_cluster(config: Arc<Config>, pubsub: Arc<PubSub>, cluster: Option<Cluster>) -> Supervisor {
+        let node = cluster.as_ref().map(|c| c.node().to_owned()).unwrap_or_else(|| "local".to_owned());
         Supervisor {
             inner: Arc::new(Inner {
                 config,
                 pubsub,
+                cluster,
+                node,
                 state: Mutex::new(State::default()),
                 next_runtime: AtomicU64::new(1),
                 monitors: TaskTracker::new(),
@@ -104,9 +124,185 @@ impl Supervisor {
         }
     }
 
-    /// Calls a function of the room's script, starting the room if needed.
+    /// Calls a function of the room's script, starting the room if needed (in a cluster:
+    /// wherever it runs, starting it here if it runs nowhere).
     pub async fn call(&self, id: &RoomId, function: &str, args_json: String) -> Result<String, RoomError> {
-        self.room(id).await?.call(function, args_json).await
+        match &self.inner.cluster {
+            None => self.room(id).await?.call(function, args_json).await,
+            Some(cluster) => self.call_in_cluster(cluster, id, function, args_json).await,
+        }
+    }
+
+    /// Calls the room if this node runs it (or is starting it); `None` if it does not.
+    pub async fn call_here(
+        &self,
+        id: &RoomId,
+        function: &str,
+        args_json: String,
+    ) -> Option<Result<String, RoomError>> {
+        let mut outcome = {
+            let state = self.lock();
+            match state.rooms.get(id)? {
+                Slot::Live(handle) if !handle.is_closed() => Ok(handle.clone()),
+                Slot::Live(_) => return None,
+                Slot::Starting { outcome, .. } => Err(outcome.clone()),
+            }
+        };
+        let handle = match &mut outcome {
+            Ok(handle) => handle.clone(),
+            Err(starting) => match starting.wait_for(Option::is_some).await {
+                Ok(settled) => match settled.clone() {
+                    Some(Ok(handle)) => handle,
+                    Some(Err(RoomError::OwnedElsewhere)) => return None,
+                    Some(Err(error)) => return Some(Err(error)),
+                    None => return Some(Err(RoomError::WorkerExited)),
+                },
+                Err(_) => return Some(Err(RoomError::WorkerExited)),
+            },
+        };
+        Some(handle.call(function, args_json).await)
+    }
+
+    async fn call_in_cluster(
+        &self,
+        cluster: &Cluster,
+        id: &RoomId,
+        function: &str,
+        args_json: String,
+    ) -> Result<String, RoomError> {
+        // A lease can move between looking it up and using it; a few looks settle it.
+        const ATTEMPTS: usize = 3;
+        for _ in 0..ATTEMPTS {
+            if let Some(result) = self.call_here(id, function, args_json.clone()).await {
+                return result;
+            }
+            let holder =
+                cluster.leases().holder(id).await.map_err(|e| RoomError::Unavailable(e.to_string()))?;
+            match holder {
+                Some(holder) if holder.node() != cluster.node() => {
+                    self.lock().remote_rooms.insert(id.clone(), holder.clone());
+                    let timeout = self.inner.config.call_timeout();
+                    match calls::call(
+                        cluster.client(),
+                        holder.node(),
+                        id,
+                        function,
+                        args_json.clone(),
+                        timeout,
+                    )
+                    .await
+                    {
+                        Ok(result) => return Ok(result),
+                        Err(RemoteError::Room(error)) => return Err(error),
+                        Err(RemoteError::NotHere) => continue,
+                        Err(RemoteError::NodeGone) => {
+                            return Err(RoomError::Unavailable(format!(
+                                "its node {} is gone; the room starts again once its lease runs out",
+                                holder.node()
+                            )))
+                        }
+                    }
+                }
+                // Nobody's, or a lease of ours on a runtime that is gone: start it here.
+                _ => match self.room(id).await {
+                    Ok(handle) => {
+                        self.reset_if_moved_here(id);
+                        return handle.call(function, args_json).await;
+                    }
+                    Err(RoomError::OwnedElsewhere) => continue,
+                    Err(error) => return Err(error),
+                },
+            }
+        }
+        Err(RoomError::Unavailable("the room's lease keeps changing hands; try again".to_owned()))
+    }
+
+    /// This node's subscribers used the room on another node; that runtime is gone, so they
+    /// are told, as after a crash.
+    fn reset_if_moved_here(&self, id: &RoomId) {
+        let previous = self.lock().remote_rooms.remove(id);
+        if let Some(previous) = previous {
+            self.push_room_reset(id, &format!("its runtime on node {} ended", previous.node()));
+        }
+    }
+
+    fn push_room_reset(&self, id: &RoomId, detail: &str) {
+        let topic = id.topic();
+        let payload = serde_json::json!({"reason": RoomError::WorkerExited.reason(), "detail": detail});
+        let frame = phoenix::push(None, &topic, "room_reset", &payload);
+        // Each node tells its own subscribers: a reset is never relayed through the cluster.
+        let told = self.inner.pubsub.broadcast_local(&topic, &frame);
+        tracing::info!(room = %id, "room reset ({detail}); told {told} subscribers");
+    }
+
+    /// Starts the cluster's background work: answering calls from other nodes, opening the
+    /// lease bucket once NATS is reachable, renewing this node's leases, and watching the
+    /// leases of rooms this node's subscribers use elsewhere.
+    pub fn join_cluster(&self) {
+        let Some(cluster) = self.inner.cluster.clone() else { return };
+        tokio::spawn(calls::serve(cluster.client().clone(), cluster.node().to_owned(), self.clone()));
+        let supervisor = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(cluster.leases().lease() / 3);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if supervisor.lock().shutting_down {
+                    return;
+                }
+                supervisor.upkeep(&cluster).await;
+            }
+        });
+    }
+
+    async fn upkeep(&self, cluster: &Cluster) {
+        let leases = cluster.leases();
+        if !leases.is_ready() {
+            if cluster.is_connected() {
+                match leases.open(cluster.client()).await {
+                    Ok(()) => tracing::info!(node = cluster.node(), "cluster ready"),
+                    Err(e) => tracing::warn!("cannot open the cluster's lease bucket: {e}"),
+                }
+            }
+            return;
+        }
+        match leases.renew().await {
+            Ok(lost) => {
+                for (room, holder) in lost {
+                    tracing::warn!(room = %room, "another node took the room's lease; stopping it here");
+                    let handle = self.lock().workers.values().find(|h| h.room == room).cloned();
+                    if let Some(handle) = handle.filter(|h| Holder::new(cluster.node(), h.runtime) == holder)
+                    {
+                        handle.kill();
+                    }
+                }
+            }
+            // Most likely a restarted NATS server without the bucket: open it again.
+            Err(e) => {
+                tracing::warn!("renewing room leases failed ({e}); reopening the lease bucket");
+                leases.close();
+                return;
+            }
+        }
+        let watched: Vec<(RoomId, Holder)> =
+            self.lock().remote_rooms.iter().map(|(room, holder)| (room.clone(), holder.clone())).collect();
+        for (room, seen) in watched {
+            if self.inner.pubsub.socket_count(&room.topic()) == 0 {
+                self.lock().remote_rooms.remove(&room);
+                continue;
+            }
+            let Ok(now) = leases.holder(&room).await else { continue };
+            if now.as_ref() == Some(&seen) {
+                continue;
+            }
+            let removed = {
+                let mut state = self.lock();
+                state.remote_rooms.get(&room) == Some(&seen) && state.remote_rooms.remove(&room).is_some()
+            };
+            if removed {
+                self.push_room_reset(&room, &format!("its runtime on node {} ended", seen.node()));
+            }
+        }
     }
 
     /// Live rooms, by id.
@@ -118,16 +314,45 @@ impl Supervisor {
             .filter_map(|(id, slot)| match slot {
                 Slot::Live(handle) => Some(RoomInfo {
                     id: id.to_string(),
-                    pid: handle.pid,
-                    started_at: handle.started_at_ms,
+                    node: self.inner.node.clone(),
+                    pid: Some(handle.pid),
+                    started_at: Some(handle.started_at_ms),
                     subscribers: self.inner.pubsub.socket_count(&id.topic()),
-                    calls: handle.calls(),
+                    calls: Some(handle.calls()),
                 }),
                 Slot::Starting { .. } => None,
             })
             .collect();
         rooms.sort_by(|a, b| a.id.cmp(&b.id));
         rooms
+    }
+
+    /// This node's rooms and, in a cluster, every room other nodes hold a lease on.
+    pub async fn rooms_in_cluster(&self) -> Vec<RoomInfo> {
+        let mut rooms = self.rooms();
+        let Some(cluster) = &self.inner.cluster else { return rooms };
+        let Ok(leases) = cluster.leases().all().await else { return rooms };
+        for (id, holder) in leases {
+            if holder.node() == cluster.node() || rooms.iter().any(|r| r.id == id) {
+                continue;
+            }
+            let subscribers = self.inner.pubsub.socket_count(&format!("{}{id}", room::TOPIC_PREFIX));
+            rooms.push(RoomInfo {
+                id,
+                node: holder.node().to_owned(),
+                pid: None,
+                started_at: None,
+                subscribers,
+                calls: None,
+            });
+        }
+        rooms.sort_by(|a, b| a.id.cmp(&b.id));
+        rooms
+    }
+
+    /// The cluster this supervisor is a node of, if any.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.inner.cluster.as_ref()
     }
 
     /// How many rooms have a live worker.
@@ -198,7 +423,7 @@ impl Supervisor {
                         // Counted here, before anyone hears of the failure, so that a client
                         // retrying at once already meets the crash-loop guard; and counted
                         // even when the worker's monitor cleared the slot first.
-                        if !matches!(error, RoomError::Unavailable(_)) {
+                        if !matches!(error, RoomError::Unavailable(_) | RoomError::OwnedElsewhere) {
                             supervisor.record_crash(&mut state, &id);
                         }
                     }
@@ -237,6 +462,28 @@ impl Supervisor {
     }
 
     async fn launch(&self, id: &RoomId, runtime: u64) -> Result<RoomHandle, RoomError> {
+        if let Some(cluster) = &self.inner.cluster {
+            match cluster.leases().claim(id, Holder::new(cluster.node(), runtime)).await {
+                Ok(Claim::Ours) => {}
+                Ok(Claim::Held(_)) => return Err(RoomError::OwnedElsewhere),
+                Err(e) => return Err(RoomError::Unavailable(e.to_string())),
+            }
+        }
+        let launched = self.launch_worker(id, runtime).await;
+        if launched.is_err() {
+            self.release_lease(id, runtime).await;
+        }
+        launched
+    }
+
+    /// Gives up the room's lease in the cluster, if this runtime holds it.
+    async fn release_lease(&self, id: &RoomId, runtime: u64) {
+        if let Some(cluster) = &self.inner.cluster {
+            cluster.leases().release(id, &Holder::new(cluster.node(), runtime)).await;
+        }
+    }
+
+    async fn launch_worker(&self, id: &RoomId, runtime: u64) -> Result<RoomHandle, RoomError> {
         let config = &self.inner.config;
         let (script_name, script) =
             config.load_room_script().map_err(|e| RoomError::Unavailable(e.to_string()))?;
@@ -262,7 +509,11 @@ impl Supervisor {
         let supervisor = self.clone();
         self.inner.monitors.spawn(async move {
             let report = actor.await;
+            let (room, runtime) = (report.room.clone(), report.runtime);
             supervisor.room_exited(report);
+            // Awaited here, inside the tracked monitor, so a shutdown releases every lease
+            // before the gateway exits and other nodes can take the rooms over at once.
+            supervisor.release_lease(&room, runtime).await;
         });
         match ready.await {
             Ok(Ok(())) => Ok(handle),
@@ -289,14 +540,7 @@ impl Supervisor {
             }
         }
         if crashed {
-            let topic = report.room.topic();
-            let payload = serde_json::json!({
-                "reason": RoomError::WorkerExited.reason(),
-                "detail": report.reason.to_string(),
-            });
-            let frame = phoenix::push(None, &topic, "room_reset", &payload);
-            let told = self.inner.pubsub.broadcast(&topic, &frame);
-            tracing::info!(room = %report.room, pid = report.pid, "room reset; told {told} subscribers");
+            self.push_room_reset(&report.room, &report.reason.to_string());
         }
     }
 

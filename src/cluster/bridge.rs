@@ -1,0 +1,98 @@
+//! Carries PubSub traffic between nodes: one NATS subscription per topic this node has a
+//! subscriber on, and what this node publishes. One task handles every command in order, so
+//! publishes keep the order they were made in, and a `Synced` answer means every subscription
+//! asked for before it is in place.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::subjects;
+use crate::pubsub::{ChannelMessage, ClusterCommand, PubSub};
+
+/// The first byte of every message on a topic subject says what follows.
+const FRAME: u8 = b'F';
+const POST: u8 = b'P';
+
+/// How long a `Synced` waits for NATS to confirm; a join must not hang on a lost connection.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub async fn run(
+    client: async_nats::Client,
+    pubsub: Arc<PubSub>,
+    mut commands: mpsc::UnboundedReceiver<ClusterCommand>,
+) {
+    let mut open: HashMap<String, JoinHandle<()>> = HashMap::new();
+    while let Some(command) = commands.recv().await {
+        match command {
+            ClusterCommand::Open(topic) => {
+                if open.contains_key(&topic) {
+                    continue;
+                }
+                match client.subscribe(subjects::topic(&topic)).await {
+                    Ok(subscriber) => {
+                        let forward = tokio::spawn(forward(subscriber, topic.clone(), pubsub.clone()));
+                        open.insert(topic, forward);
+                    }
+                    Err(e) => tracing::warn!(topic, "cannot subscribe to the topic in the cluster: {e}"),
+                }
+            }
+            // Dropping the subscriber (with its task) unsubscribes.
+            ClusterCommand::Close(topic) => {
+                if let Some(forward) = open.remove(&topic) {
+                    forward.abort();
+                }
+            }
+            ClusterCommand::PublishFrame { topic, frame } => {
+                publish(&client, &topic, FRAME, frame.as_str().as_bytes()).await;
+            }
+            ClusterCommand::PublishPost(message) => {
+                publish(&client, &message.channel, POST, message.data.as_bytes()).await;
+            }
+            ClusterCommand::Synced(done) => {
+                let _ = tokio::time::timeout(FLUSH_TIMEOUT, client.flush()).await;
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+async fn publish(client: &async_nats::Client, topic: &str, kind: u8, body: &[u8]) {
+    let mut payload = BytesMut::with_capacity(1 + body.len());
+    payload.put_u8(kind);
+    payload.put_slice(body);
+    // Only fails when the client is closed for good; a disconnected client buffers.
+    if let Err(e) = client.publish(subjects::topic(topic), payload.freeze()).await {
+        tracing::debug!(topic, "cannot publish to the cluster: {e}");
+    }
+}
+
+/// Hands what other nodes publish on one topic to this node's subscribers.
+async fn forward(mut subscriber: async_nats::Subscriber, topic: String, pubsub: Arc<PubSub>) {
+    while let Some(message) = subscriber.next().await {
+        deliver(&pubsub, &topic, &message.payload);
+    }
+}
+
+fn deliver(pubsub: &PubSub, topic: &str, payload: &Bytes) {
+    let Some((&kind, body)) = payload.split_first() else { return };
+    let Ok(body) = std::str::from_utf8(body) else {
+        tracing::warn!(topic, "dropped a cluster message that is not UTF-8");
+        return;
+    };
+    match kind {
+        FRAME => {
+            pubsub.broadcast_local(topic, &body.to_owned().into());
+        }
+        POST => {
+            let message = ChannelMessage { channel: topic.into(), data: body.into() };
+            pubsub.post_from_cluster(&message);
+        }
+        other => tracing::warn!(topic, "dropped a cluster message of unknown kind {other}"),
+    }
+}

@@ -1,0 +1,234 @@
+//! Room ownership: one node per room, claimed in a JetStream key-value bucket.
+//!
+//! A claim is an atomic `create` of the room's key; its value names the owner node and the
+//! runtime it started (`node/runtime`), so a restarted room is told apart from the one it
+//! replaced. The bucket's max age is the lease: an owner renews each claim well within it,
+//! and a node that dies stops renewing, so its keys expire and the next use of its rooms
+//! claims them elsewhere.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::kv::{self, CreateErrorKind};
+use bytes::Bytes;
+
+use crate::room::RoomId;
+
+const BUCKET: &str = "roomvisor-rooms";
+/// Key-value calls give up after this long, so a lost connection means a clear error, not a hang.
+const KV_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseError {
+    /// The bucket is not open yet: NATS is unreachable or JetStream is not enabled.
+    NotReady,
+    Nats(String),
+}
+
+impl std::fmt::Display for LeaseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LeaseError::NotReady => f.write_str("not connected to the cluster"),
+            LeaseError::Nats(why) => write!(f, "cluster error: {why}"),
+        }
+    }
+}
+
+/// Who holds a room: the owner node and which of its runtimes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder(String);
+
+impl Holder {
+    pub fn new(node: &str, runtime: u64) -> Holder {
+        Holder(format!("{node}/{runtime}"))
+    }
+
+    pub fn node(&self) -> &str {
+        self.0.rsplit_once('/').map(|(node, _)| node).unwrap_or(&self.0)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+pub enum Claim {
+    Ours,
+    Held(Holder),
+}
+
+pub struct Leases {
+    lease: Duration,
+    store: RwLock<Option<kv::Store>>,
+    /// Rooms this node holds: their holder value and the revision the last renewal wrote.
+    held: Mutex<HashMap<RoomId, (Holder, u64)>>,
+}
+
+impl Leases {
+    pub fn new(lease: Duration) -> Leases {
+        Leases { lease, store: RwLock::new(None), held: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.store.read().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Opens (creating if needed) the bucket. In memory: leases are meant to die with the
+    /// server, and a restarted server gets them back from the owners' next renewal.
+    pub async fn open(&self, client: &async_nats::Client) -> Result<(), LeaseError> {
+        let mut jetstream = async_nats::jetstream::new(client.clone());
+        jetstream.set_timeout(KV_TIMEOUT);
+        let config = kv::Config {
+            bucket: BUCKET.to_owned(),
+            history: 1,
+            max_age: self.lease,
+            storage: async_nats::jetstream::stream::StorageType::Memory,
+            ..Default::default()
+        };
+        let store = match jetstream.create_key_value(config).await {
+            Ok(store) => store,
+            // Another node created it first, with the same settings.
+            Err(create) => jetstream
+                .get_key_value(BUCKET)
+                .await
+                .map_err(|get| LeaseError::Nats(format!("{create}; {get}")))?,
+        };
+        *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(store);
+        Ok(())
+    }
+
+    /// Forgets the bucket, so the next renewal opens it again (after a server restart).
+    pub fn close(&self) {
+        *self.store.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn store(&self) -> Result<kv::Store, LeaseError> {
+        self.store.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(LeaseError::NotReady)
+    }
+
+    /// The room's holder, if its lease is alive.
+    pub async fn holder(&self, room: &RoomId) -> Result<Option<Holder>, LeaseError> {
+        let value = self.store()?.get(room.as_str()).await.map_err(|e| LeaseError::Nats(e.to_string()))?;
+        Ok(value.map(|v| Holder(String::from_utf8_lossy(&v).into_owned())))
+    }
+
+    /// Claims the room for `holder` unless a live lease names someone else.
+    pub async fn claim(&self, room: &RoomId, holder: Holder) -> Result<Claim, LeaseError> {
+        let store = self.store()?;
+        match store.create(room.as_str(), Bytes::from(holder.0.clone())).await {
+            Ok(revision) => {
+                self.held().insert(room.clone(), (holder, revision));
+                Ok(Claim::Ours)
+            }
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+                let entry = store.entry(room.as_str()).await.map_err(|e| LeaseError::Nats(e.to_string()))?;
+                let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+                    // Expired between the two calls: the next attempt will get it.
+                    return Err(LeaseError::Nats("the room's lease changed hands; try again".to_owned()));
+                };
+                let current = Holder(String::from_utf8_lossy(&entry.value).into_owned());
+                if current.node() != holder.node() {
+                    return Ok(Claim::Held(current));
+                }
+                // Our own lease on a runtime that is gone (it ended before its release
+                // reached NATS): take it over for the new runtime.
+                let value = Bytes::from(holder.0.clone());
+                match store.update(room.as_str(), value, entry.revision).await {
+                    Ok(revision) => {
+                        self.held().insert(room.clone(), (holder, revision));
+                        Ok(Claim::Ours)
+                    }
+                    Err(e) => Err(LeaseError::Nats(e.to_string())),
+                }
+            }
+            Err(e) => Err(LeaseError::Nats(e.to_string())),
+        }
+    }
+
+    /// Gives a room up, if this node still holds it with that holder value.
+    pub async fn release(&self, room: &RoomId, holder: &Holder) {
+        let revision = {
+            let mut held = self.held();
+            match held.get(room) {
+                Some((h, revision)) if h == holder => {
+                    let revision = *revision;
+                    held.remove(room);
+                    revision
+                }
+                _ => return,
+            }
+        };
+        if let Ok(store) = self.store() {
+            if let Err(e) = store.delete_expect_revision(room.as_str(), Some(revision)).await {
+                tracing::debug!(room = %room, "releasing the room's lease: {e}");
+            }
+        }
+    }
+
+    /// Renews every lease this node holds; returns the rooms whose lease another node now
+    /// holds (their runtimes here must stop).
+    pub async fn renew(&self) -> Result<Vec<(RoomId, Holder)>, LeaseError> {
+        let store = self.store()?;
+        let held: Vec<(RoomId, Holder, u64)> = self
+            .held()
+            .iter()
+            .map(|(room, (holder, revision))| (room.clone(), holder.clone(), *revision))
+            .collect();
+        let mut lost = Vec::new();
+        for (room, holder, revision) in held {
+            let value = Bytes::from(holder.0.clone());
+            let renewed = match store.update(room.as_str(), value.clone(), revision).await {
+                Ok(revision) => Some(revision),
+                // Expired (an outage longer than the lease, or a restarted server): claim it
+                // again if nobody else has.
+                Err(_) => match store.create(room.as_str(), value).await {
+                    Ok(revision) => Some(revision),
+                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => None,
+                    Err(e) => return Err(LeaseError::Nats(e.to_string())),
+                },
+            };
+            let mut held = self.held();
+            match renewed {
+                Some(revision) => {
+                    if let Some(entry) = held.get_mut(&room).filter(|(h, _)| *h == holder) {
+                        entry.1 = revision;
+                    }
+                }
+                None => {
+                    held.remove(&room);
+                    lost.push((room, holder));
+                }
+            }
+        }
+        Ok(lost)
+    }
+
+    /// Every live lease in the bucket: room id and holder.
+    pub async fn all(&self) -> Result<Vec<(String, Holder)>, LeaseError> {
+        use futures_util::TryStreamExt;
+        let store = self.store()?;
+        let keys: Vec<String> = store
+            .keys()
+            .await
+            .map_err(|e| LeaseError::Nats(e.to_string()))?
+            .try_collect()
+            .await
+            .map_err(|e| LeaseError::Nats(e.to_string()))?;
+        let mut leases = Vec::with_capacity(keys.len());
+        for key in keys {
+            if let Ok(Some(value)) = store.get(key.as_str()).await {
+                leases.push((key, Holder(String::from_utf8_lossy(&value).into_owned())));
+            }
+        }
+        Ok(leases)
+    }
+
+    fn held(&self) -> MutexGuard<'_, HashMap<RoomId, (Holder, u64)>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
