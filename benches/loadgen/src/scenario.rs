@@ -69,7 +69,7 @@ const CONNECT_CONCURRENCY: usize = 64;
 
 async fn connect_all(target: &Target, count: usize) -> Result<Vec<Client>, Error> {
     let mut clients: Vec<Client> = stream::iter(0..count as u64)
-        .map(|id| Client::connect(target.protocol, &target.url, id))
+        .map(|id| target.connect(id))
         .buffer_unordered(CONNECT_CONCURRENCY)
         .collect::<Vec<_>>()
         .await
@@ -103,7 +103,7 @@ async fn cold_start(target: &Target, shape: &Shape, run_id: &str) -> Result<Metr
     let before = target.memory();
     let mut metrics = Metrics::default();
 
-    let mut one = Client::connect(target.protocol, &target.url, 0).await?;
+    let mut one = target.connect(0).await?;
     let serial = join_and_leave(&mut one, (0..shape.rooms).map(|i| format!("cold-{run_id}-s{i}"))).await?;
     metrics.latencies("first join, one after another", &serial);
 
@@ -113,7 +113,7 @@ async fn cold_start(target: &Target, shape: &Shape, run_id: &str) -> Result<Metr
             (k..shape.rooms).step_by(shape.concurrency).map(|i| format!("cold-{run_id}-c{i}")).collect();
         let target = target.clone();
         tokio::spawn(async move {
-            let mut client = Client::connect(target.protocol, &target.url, 1 + k as u64).await?;
+            let mut client = target.connect(1 + k as u64).await?;
             join_and_leave(&mut client, rooms.into_iter()).await
         })
     });
@@ -258,7 +258,7 @@ async fn rooms_memory(target: &Target, shape: &Shape, run_id: &str) -> Result<Me
             (k..shape.rooms).step_by(shape.concurrency).map(|i| format!("mem-{run_id}-{i}")).collect();
         let target = target.clone();
         tokio::spawn(async move {
-            let mut client = Client::connect(target.protocol, &target.url, k as u64).await?;
+            let mut client = target.connect(k as u64).await?;
             join_and_leave(&mut client, rooms.into_iter()).await
         })
     });
