@@ -111,10 +111,13 @@ start_server() {
   server_url=$(address_in "$logs/$run.out")
 }
 
+# Last started, first stopped: a cluster's gateways hand back their leases before NATS goes.
 stop_server() {
   local pid
-  for pid in $server_pids; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in $server_pids; do wait "$pid" 2>/dev/null || true; done
+  for pid in $(echo "$server_pids" | tr ' ' '\n' | tac); do
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
   server_pids=""
 }
 trap stop_server EXIT

@@ -235,27 +235,48 @@ impl Supervisor {
         tracing::info!(room = %id, "room reset ({detail}); told {told} subscribers");
     }
 
-    /// Starts the cluster's background work: answering calls from other nodes, opening the
-    /// lease bucket once NATS is reachable, renewing this node's leases, and watching the
-    /// leases of rooms this node's subscribers use elsewhere.
+    /// Starts the cluster's background work: answering calls from other nodes; opening the
+    /// lease bucket once NATS is reachable and renewing this node's leases; and, apart from
+    /// that so it can never delay a renewal, watching the leases of rooms this node's
+    /// subscribers use elsewhere.
     pub fn join_cluster(&self) {
         let Some(cluster) = self.inner.cluster.clone() else { return };
         tokio::spawn(calls::serve(cluster.client().clone(), cluster.node().to_owned(), self.clone()));
+        let every = cluster.leases().lease() / 3;
+        self.every(every, {
+            let cluster = cluster.clone();
+            move |supervisor| {
+                let cluster = cluster.clone();
+                async move { supervisor.renew_leases(&cluster).await }
+            }
+        });
+        self.every(every, move |supervisor| {
+            let cluster = cluster.clone();
+            async move { supervisor.watch_remote_rooms(&cluster).await }
+        });
+    }
+
+    /// Runs `work` every `period` until shutdown, never two at once.
+    fn every<F, Fut>(&self, period: Duration, work: F)
+    where
+        F: Fn(Supervisor) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let supervisor = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(cluster.leases().lease() / 3);
+            let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 if supervisor.lock().shutting_down {
                     return;
                 }
-                supervisor.upkeep(&cluster).await;
+                work(supervisor.clone()).await;
             }
         });
     }
 
-    async fn upkeep(&self, cluster: &Cluster) {
+    async fn renew_leases(&self, cluster: &Cluster) {
         let leases = cluster.leases();
         if !leases.is_ready() {
             if cluster.is_connected() {
@@ -281,20 +302,33 @@ impl Supervisor {
             Err(e) => {
                 tracing::warn!("renewing room leases failed ({e}); reopening the lease bucket");
                 leases.close();
-                return;
             }
         }
-        let watched: Vec<(RoomId, Holder)> =
-            self.lock().remote_rooms.iter().map(|(room, holder)| (room.clone(), holder.clone())).collect();
-        for (room, seen) in watched {
-            if self.inner.pubsub.socket_count(&room.topic()) == 0 {
-                self.lock().remote_rooms.remove(&room);
-                continue;
-            }
-            let Ok(now) = leases.holder(&room).await else { continue };
-            if now.as_ref() == Some(&seen) {
-                continue;
-            }
+    }
+
+    /// Tells this node's subscribers of each room they use elsewhere whose lease has ended
+    /// or moved on (its runtime is gone), once.
+    async fn watch_remote_rooms(&self, cluster: &Cluster) {
+        use futures_util::StreamExt;
+        const LOOKUPS_AT_ONCE: usize = 64;
+        let watched: Vec<(RoomId, Holder)> = {
+            let mut state = self.lock();
+            let pubsub = &self.inner.pubsub;
+            state.remote_rooms.retain(|room, _| pubsub.socket_count(&room.topic()) > 0);
+            state.remote_rooms.iter().map(|(room, holder)| (room.clone(), holder.clone())).collect()
+        };
+        let ended: Vec<(RoomId, Holder)> = futures_util::stream::iter(watched)
+            .map(|(room, seen)| async move {
+                match cluster.leases().holder(&room).await {
+                    Ok(now) if now.as_ref() != Some(&seen) => Some((room, seen)),
+                    _ => None,
+                }
+            })
+            .buffer_unordered(LOOKUPS_AT_ONCE)
+            .filter_map(std::future::ready)
+            .collect()
+            .await;
+        for (room, seen) in ended {
             let removed = {
                 let mut state = self.lock();
                 state.remote_rooms.get(&room) == Some(&seen) && state.remote_rooms.remove(&room).is_some()

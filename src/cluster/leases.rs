@@ -16,6 +16,8 @@ use bytes::Bytes;
 use crate::room::RoomId;
 
 const BUCKET: &str = "roomvisor-rooms";
+/// Lease renewals in flight at once.
+const RENEWALS_AT_ONCE: usize = 64;
 /// Key-value calls give up after this long, so a lost connection means a clear error, not a hang.
 const KV_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -50,6 +52,26 @@ impl Holder {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// One renewal: the new revision, `None` if another node holds the room now.
+async fn renew_one(
+    store: &kv::Store,
+    room: &RoomId,
+    holder: &Holder,
+    revision: u64,
+) -> Result<Option<u64>, LeaseError> {
+    let value = Bytes::from(holder.0.clone());
+    match store.update(room.as_str(), value.clone(), revision).await {
+        Ok(revision) => Ok(Some(revision)),
+        // Expired (an outage longer than the lease, or a restarted server): claim it again
+        // if nobody else has.
+        Err(_) => match store.create(room.as_str(), value).await {
+            Ok(revision) => Ok(Some(revision)),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(LeaseError::Nats(e.to_string())),
+        },
     }
 }
 
@@ -170,42 +192,51 @@ impl Leases {
         }
     }
 
-    /// Renews every lease this node holds; returns the rooms whose lease another node now
-    /// holds (their runtimes here must stop).
+    /// Renews every lease this node holds, many at a time (one after another, a thousand
+    /// renewals on a loaded server outlasted the lease itself); returns the rooms whose lease
+    /// another node now holds (their runtimes here must stop).
     pub async fn renew(&self) -> Result<Vec<(RoomId, Holder)>, LeaseError> {
+        use futures_util::StreamExt;
         let store = self.store()?;
         let held: Vec<(RoomId, Holder, u64)> = self
             .held()
             .iter()
             .map(|(room, (holder, revision))| (room.clone(), holder.clone(), *revision))
             .collect();
+        let outcomes: Vec<_> = futures_util::stream::iter(held)
+            .map(|(room, holder, revision)| {
+                let store = &store;
+                async move {
+                    let renewed = renew_one(store, &room, &holder, revision).await;
+                    (room, holder, renewed)
+                }
+            })
+            .buffer_unordered(RENEWALS_AT_ONCE)
+            .collect()
+            .await;
         let mut lost = Vec::new();
-        for (room, holder, revision) in held {
-            let value = Bytes::from(holder.0.clone());
-            let renewed = match store.update(room.as_str(), value.clone(), revision).await {
-                Ok(revision) => Some(revision),
-                // Expired (an outage longer than the lease, or a restarted server): claim it
-                // again if nobody else has.
-                Err(_) => match store.create(room.as_str(), value).await {
-                    Ok(revision) => Some(revision),
-                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => None,
-                    Err(e) => return Err(LeaseError::Nats(e.to_string())),
-                },
-            };
-            let mut held = self.held();
+        let mut failure = None;
+        let mut held = self.held();
+        for (room, holder, renewed) in outcomes {
             match renewed {
-                Some(revision) => {
+                Ok(Some(revision)) => {
                     if let Some(entry) = held.get_mut(&room).filter(|(h, _)| *h == holder) {
                         entry.1 = revision;
                     }
                 }
-                None => {
-                    held.remove(&room);
+                Ok(None) => {
+                    if held.get(&room).is_some_and(|(h, _)| *h == holder) {
+                        held.remove(&room);
+                    }
                     lost.push((room, holder));
                 }
+                Err(e) => failure = Some(e),
             }
         }
-        Ok(lost)
+        match failure {
+            Some(e) if lost.is_empty() => Err(e),
+            _ => Ok(lost),
+        }
     }
 
     /// Every live lease in the bucket: room id and holder.
