@@ -372,7 +372,8 @@ impl Supervisor {
             if holder.node() == cluster.node() || rooms.iter().any(|r| r.id == id) {
                 continue;
             }
-            let subscribers = self.inner.pubsub.socket_count(&format!("{}{id}", room::TOPIC_PREFIX));
+            let subscribers =
+                RoomId::parse(&id).map(|r| self.inner.pubsub.socket_count(&r.topic())).unwrap_or(0);
             rooms.push(RoomInfo {
                 id,
                 node: holder.node().to_owned(),

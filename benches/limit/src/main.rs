@@ -21,9 +21,10 @@ use axum::routing::get;
 use axum::serve::ListenerExt;
 use axum::Router;
 use clap::Parser;
-use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
-use serde::{Deserialize, Serialize};
+use roomvisor::phoenix::{self, Frame, Reply};
+use roomvisor::socket::{self, SendMessage};
+use serde::Serialize;
 use serde_json::value::{to_raw_value, RawValue};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -137,7 +138,7 @@ async fn serve(socket: WebSocket, server: Arc<Server>) {
     // flush, so the ratio gateway/limit measures processes + JS, not a different writer.
     let mut writer = tokio::spawn(async move {
         while let Some(frame) = outbound.recv().await {
-            if write_batch(&mut sink, frame, &mut outbound).await.is_err() {
+            if socket::write_batch(&mut sink, frame, || outbound.try_recv().ok()).await.is_err() {
                 break;
             }
         }
@@ -160,70 +161,6 @@ async fn serve(socket: WebSocket, server: Arc<Server>) {
     }
 }
 
-/// As the gateway's: at most this many frames per flush.
-const MAX_WRITE_BATCH: usize = 64;
-
-async fn write_batch(
-    sink: &mut SplitSink<WebSocket, Message>,
-    first: Utf8Bytes,
-    outbound: &mut mpsc::UnboundedReceiver<Utf8Bytes>,
-) -> Result<(), axum::Error> {
-    sink.feed(Message::Text(first)).await?;
-    for _ in 1..MAX_WRITE_BATCH {
-        match outbound.try_recv() {
-            Ok(frame) => sink.feed(Message::Text(frame)).await?,
-            Err(_) => break,
-        }
-    }
-    sink.flush().await
-}
-
-/// An inbound frame `[join_ref, ref, topic, event, payload]`; the payload stays raw JSON.
-struct Frame<'a> {
-    join_ref: Option<String>,
-    msg_ref: Option<String>,
-    topic: String,
-    event: String,
-    payload: &'a RawValue,
-}
-
-impl<'a> Frame<'a> {
-    /// Exactly a 5-element array, refs strings or null, as the gateway accepts.
-    fn parse(text: &'a str) -> Option<Self> {
-        type Wire<'a> = (Option<String>, Option<String>, String, String, &'a RawValue);
-        let (join_ref, msg_ref, topic, event, payload): Wire = serde_json::from_str(text).ok()?;
-        Some(Frame { join_ref, msg_ref, topic, event, payload })
-    }
-
-    fn reply<R: Serialize>(&self, status: &'static str, response: R) -> Utf8Bytes {
-        let reply = Reply { status, response };
-        encode(self.join_ref.as_deref(), self.msg_ref.as_deref(), &self.topic, "phx_reply", &reply)
-    }
-
-    fn ok<R: Serialize>(&self, response: R) -> Utf8Bytes {
-        self.reply("ok", response)
-    }
-
-    fn error(&self, reason: &str) -> Utf8Bytes {
-        self.reply("error", Reason { reason })
-    }
-}
-
-#[derive(Serialize)]
-struct Reply<R> {
-    status: &'static str,
-    response: R,
-}
-
-#[derive(Serialize)]
-struct Reason<'a> {
-    reason: &'a str,
-}
-
-/// Serializes as `{}`.
-#[derive(Serialize)]
-struct Empty {}
-
 #[derive(Serialize)]
 struct History<'a> {
     messages: Vec<&'a RawValue>,
@@ -235,30 +172,6 @@ struct ChatMessage<'a> {
     sender: &'a str,
     text: &'a str,
     timestamp: u64,
-}
-
-#[derive(Deserialize)]
-struct SendMessage {
-    sender: String,
-    text: String,
-}
-
-fn encode<P: Serialize + ?Sized>(
-    join_ref: Option<&str>,
-    msg_ref: Option<&str>,
-    topic: &str,
-    event: &str,
-    payload: &P,
-) -> Utf8Bytes {
-    // Strings, options and raw JSON always serialize; an empty array is a harmless fallback.
-    serde_json::to_string(&(join_ref, msg_ref, topic, event, payload))
-        .unwrap_or_else(|_| "[]".to_owned())
-        .into()
-}
-
-/// `phx_close`, as Phoenix sends it: ref and join_ref both the join's ref.
-fn close_frame(join_ref: Option<&str>, topic: &str) -> Utf8Bytes {
-    encode(join_ref, join_ref, topic, "phx_close", &Empty {})
 }
 
 struct Joined {
@@ -281,16 +194,16 @@ impl Connection {
 
     fn on_text(&mut self, text: &str) {
         // Unparseable frames are dropped, as the gateway drops them.
-        let Some(frame) = Frame::parse(text) else { return };
+        let Ok(frame) = Frame::parse(text) else { return };
         let reply = match frame.event.as_str() {
-            "heartbeat" if frame.topic == "phoenix" => frame.ok(Empty {}),
-            "phx_join" => return self.join(&frame),
+            phoenix::HEARTBEAT if frame.topic == phoenix::PHOENIX_TOPIC => frame.reply(&Reply::ok_empty()),
+            phoenix::PHX_JOIN => return self.join(&frame),
             // Leaving what is not joined succeeds, as in Phoenix and the gateway.
-            "phx_leave" if !self.joined.contains_key(&frame.topic) => frame.ok(Empty {}),
-            _ if !self.is_joined(&frame) => frame.error("unmatched topic"),
-            "phx_leave" => return self.leave(&frame),
+            phoenix::PHX_LEAVE if !self.joined.contains_key(&frame.topic) => frame.reply(&Reply::ok_empty()),
+            _ if !self.is_joined(&frame) => frame.reply_error("unmatched topic"),
+            phoenix::PHX_LEAVE => return self.leave(&frame),
             "send_message" => self.send_message(&frame),
-            _ => frame.error("unknown event"),
+            _ => frame.reply_error("unknown event"),
         };
         self.push(reply);
     }
@@ -304,12 +217,12 @@ impl Connection {
 
     fn join(&mut self, frame: &Frame) {
         if !frame.topic.starts_with(TOPIC_PREFIX) {
-            return self.push(frame.error("unmatched topic"));
+            return self.push(frame.reply_error("unmatched topic"));
         }
         // A second join of a joined topic replaces the first, as in Phoenix; the subscription
         // is keyed by connection id, so it is simply overwritten below.
         if let Some(old) = self.joined.remove(&frame.topic) {
-            self.push(close_frame(old.join_ref.as_deref(), &frame.topic));
+            self.push(phoenix::close(old.join_ref.as_deref(), &frame.topic));
         }
         let room = lock(&self.server.rooms).entry(frame.topic.clone()).or_default().clone();
         {
@@ -319,7 +232,10 @@ impl Connection {
             // no message is both in the history and pushed, none is missed.
             let skip = state.history.len().saturating_sub(HISTORY_ON_JOIN);
             let messages = state.history.iter().skip(skip).map(|m| &**m).collect();
-            self.push(frame.ok(History { messages }));
+            match to_raw_value(&History { messages }) {
+                Ok(history) => self.push(frame.reply_ok(&history)),
+                Err(e) => self.push(frame.reply_error(&e.to_string())),
+            }
         }
         self.joined.insert(frame.topic.clone(), Joined { join_ref: frame.join_ref.clone(), room });
     }
@@ -328,32 +244,32 @@ impl Connection {
         if let Some(joined) = self.joined.remove(&frame.topic) {
             // Unsubscribed first, so no broadcast follows the phx_close.
             lock(&joined.room).subscribers.remove(&self.id);
-            self.push(frame.ok(Empty {}));
-            self.push(close_frame(joined.join_ref.as_deref(), &frame.topic));
+            self.push(frame.reply(&Reply::ok_empty()));
+            self.push(phoenix::close(joined.join_ref.as_deref(), &frame.topic));
         }
     }
 
     fn send_message(&self, frame: &Frame) -> Utf8Bytes {
-        let input = match validate(frame.payload) {
+        let input = match SendMessage::read(&frame.payload, MAX_SENDER_CHARS, MAX_TEXT_CHARS) {
             Ok(input) => input,
-            Err(reason) => return frame.error(&reason),
+            Err(reason) => return frame.reply_error(&reason),
         };
-        let Some(joined) = self.joined.get(&frame.topic) else { return frame.error("unmatched topic") };
+        let Some(joined) = self.joined.get(&frame.topic) else { return frame.reply_error("unmatched topic") };
         let mut room = lock(&joined.room);
         room.next_id += 1;
         let message =
             ChatMessage { id: room.next_id, sender: &input.sender, text: &input.text, timestamp: now_ms() };
         let message = match to_raw_value(&message) {
             Ok(message) => message,
-            Err(e) => return frame.error(&e.to_string()),
+            Err(e) => return frame.reply_error(&e.to_string()),
         };
         // Encoded once; every subscriber (the sender too) gets a reference-counted clone. Sent
         // under the lock so that every subscriber sees the room's messages in id order.
-        let push = encode(None, None, &frame.topic, "new_message", &message);
+        let push = phoenix::push(None, &frame.topic, "new_message", &*message);
         for subscriber in room.subscribers.values() {
             let _ = subscriber.send(push.clone());
         }
-        let reply = frame.ok(&message);
+        let reply = frame.reply_ok(&message);
         room.history.push_back(message);
         if room.history.len() > HISTORY_KEPT {
             room.history.pop_front();
@@ -370,29 +286,6 @@ impl Drop for Connection {
             lock(&joined.room).subscribers.remove(&self.id);
         }
     }
-}
-
-/// The payload of `send_message`, or why it is refused (the gateway's reasons).
-fn validate(payload: &RawValue) -> Result<SendMessage, String> {
-    let invalid = || "invalid payload: expected {\"sender\": string, \"text\": string}".to_owned();
-    // serde would also read a struct from an array; the protocol's payloads are objects.
-    if !payload.get().starts_with('{') {
-        return Err(invalid());
-    }
-    let message: SendMessage = serde_json::from_str(payload.get()).map_err(|_| invalid())?;
-    check_field("sender", &message.sender, MAX_SENDER_CHARS)?;
-    check_field("text", &message.text, MAX_TEXT_CHARS)?;
-    Ok(message)
-}
-
-fn check_field(name: &str, value: &str, max_chars: usize) -> Result<(), String> {
-    if value.trim().is_empty() {
-        return Err(format!("{name} must not be blank"));
-    }
-    if value.chars().count() > max_chars {
-        return Err(format!("{name} is longer than {max_chars} characters"));
-    }
-    Ok(())
 }
 
 fn now_ms() -> u64 {
