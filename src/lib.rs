@@ -1,20 +1,19 @@
-//! roomvisor: real-time chat where every room is a JavaScript runtime in its own supervised
+//! roomvisor: real-time rooms where every room is a JavaScript runtime in its own supervised
 //! OS process, reached through the Phoenix Channels v2 protocol.
 //!
-//! The gateway side: [`http`] serves the page and the WebSocket, [`socket`] speaks
-//! [`phoenix`] frames, [`pubsub`] fans broadcasts out, [`supervisor`] starts and reaps
-//! [`room`] workers. The worker side: [`worker`] drives an [`engine`] over [`ipc`] frames.
+//! Two processes and a wire between them:
+//!
+//! - [`gateway`]: one process. HTTP and the WebSocket (`gateway::http`), Phoenix frames and
+//!   the socket's writer (`gateway::phoenix`), one task per connection and per joined channel
+//!   (`gateway::socket`), the chat application's rules (`gateway::chat`), the PubSub
+//!   (`gateway::pubsub`), the rooms and their supervisor (`gateway::rooms`), and the cluster
+//!   over NATS (`gateway::cluster`).
+//! - [`worker`]: one process per live room. The poll loop, the pipe to the gateway, and the
+//!   JavaScript engine behind `worker::engine`.
+//! - [`wire`]: what the two say to each other, and how a worker is started; imported by
+//!   both, importing neither.
 
-pub mod cluster;
-pub mod config;
-pub mod engine;
 pub mod gateway;
-pub mod http;
-pub mod ipc;
-pub mod phoenix;
-pub mod pubsub;
-pub mod room;
-pub mod shutdown;
-pub mod socket;
-pub mod supervisor;
+mod util;
+pub mod wire;
 pub mod worker;

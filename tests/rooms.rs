@@ -4,9 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use roomvisor::pubsub::Outbox;
-use roomvisor::room::{RoomError, RoomId};
-use roomvisor::supervisor::Supervisor;
+use roomvisor::gateway::phoenix::Outbox;
+use roomvisor::gateway::rooms::Supervisor;
+use roomvisor::gateway::rooms::{RoomError, RoomId};
 use serde_json::{json, Value};
 
 fn supervisor() -> Supervisor {

@@ -124,7 +124,7 @@ async fn script_errors_host_calls_timers_and_budgets() {
     let error = supervisor.call(&r, "eval", r#"["1+1"]"#.into()).await.unwrap_err();
     assert!(error.reason().contains("no function named"), "builtins are not callable: {error}");
 
-    let (outbox, mut frames) = roomvisor::pubsub::Outbox::new(8);
+    let (outbox, mut frames) = roomvisor::gateway::phoenix::Outbox::new(8);
     supervisor.pubsub().subscribe_socket("room:api", outbox);
     assert_eq!(supervisor.call(&r, "viaPromise", "[]".into()).await.unwrap(), r#""sent""#);
     let frame = tokio::time::timeout(Duration::from_secs(5), frames.recv()).await.unwrap().unwrap();
@@ -224,8 +224,8 @@ async fn a_call_left_unanswered_times_out_and_the_worker_is_killed_at_the_hard_l
     assert_ne!(gateway.wait_room_pid("stuck"), pid);
 }
 
-fn room(id: &str) -> roomvisor::room::RoomId {
-    roomvisor::room::RoomId::parse(id).unwrap()
+fn room(id: &str) -> roomvisor::gateway::rooms::RoomId {
+    roomvisor::gateway::rooms::RoomId::parse(id).unwrap()
 }
 
 /// A chat room whose `sendMessage` misbehaves on command; the history survives every failure.
@@ -292,7 +292,7 @@ async fn an_async_call_cut_off_by_the_cpu_budget_in_a_promise_job_is_answered_wi
         "#,
     );
     // Caller timeouts far beyond the test's patience: only the CPU budget can answer in time.
-    let config = roomvisor::config::Config {
+    let config = roomvisor::gateway::config::Config {
         worker_bin: Some(std::path::PathBuf::from(env!("CARGO_BIN_EXE_room-worker"))),
         room_script: script,
         js_cpu_ms: 200,
@@ -300,8 +300,10 @@ async fn an_async_call_cut_off_by_the_cpu_budget_in_a_promise_job_is_answered_wi
         hard_timeout_ms: 600_000,
         ..Default::default()
     };
-    let supervisor =
-        roomvisor::supervisor::Supervisor::new(std::sync::Arc::new(config), roomvisor::pubsub::PubSub::new());
+    let supervisor = roomvisor::gateway::rooms::Supervisor::new(
+        std::sync::Arc::new(config),
+        roomvisor::gateway::pubsub::PubSub::new(),
+    );
     let r = room("late");
     assert_eq!(supervisor.call(&r, "bump", "[]".into()).await.unwrap(), "1");
     let pid = supervisor.rooms()[0].pid;

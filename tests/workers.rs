@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::Gateway;
-use roomvisor::ipc::{self, FromWorker};
+use roomvisor::wire::{self, FromWorker};
 use serde_json::json;
 
 /// A stand-in `room-worker`: the `bad_start`-th start (1-based) writes `stdout_bytes` and then
@@ -68,7 +68,7 @@ impl FakeWorker {
 fn framed(frames: &[FromWorker]) -> Vec<u8> {
     let mut out = Vec::new();
     for frame in frames {
-        let body = ipc::encode(frame).expect("encode a frame");
+        let body = wire::encode(frame).expect("encode a frame");
         out.extend_from_slice(&u32::try_from(body.len()).expect("small frame").to_be_bytes());
         out.extend_from_slice(&body);
     }

@@ -397,14 +397,14 @@ fn unique() -> u64 {
 
 /// A supervisor in this test process, running real room-worker processes: the library API
 /// without sockets.
-pub fn supervisor(script: &Path, js_cpu_ms: u64) -> roomvisor::supervisor::Supervisor {
-    let config = roomvisor::config::Config {
+pub fn supervisor(script: &Path, js_cpu_ms: u64) -> roomvisor::gateway::rooms::Supervisor {
+    let config = roomvisor::gateway::config::Config {
         worker_bin: Some(PathBuf::from(env!("CARGO_BIN_EXE_room-worker"))),
         room_script: script.to_path_buf(),
         js_cpu_ms,
         ..Default::default()
     };
-    roomvisor::supervisor::Supervisor::new(Arc::new(config), roomvisor::pubsub::PubSub::new())
+    roomvisor::gateway::rooms::Supervisor::new(Arc::new(config), roomvisor::gateway::pubsub::PubSub::new())
 }
 
 pub fn chat_script() -> PathBuf {

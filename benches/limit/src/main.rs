@@ -22,8 +22,8 @@ use axum::serve::ListenerExt;
 use axum::Router;
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
-use roomvisor::phoenix::{self, Frame, Reply};
-use roomvisor::socket::{self, SendMessage};
+use roomvisor::gateway::chat::{SendMessage, SEND_MESSAGE};
+use roomvisor::gateway::phoenix::{self, Frame, Reply};
 use serde::Serialize;
 use serde_json::value::{to_raw_value, RawValue};
 use tokio::net::TcpListener;
@@ -138,7 +138,7 @@ async fn serve(socket: WebSocket, server: Arc<Server>) {
     // flush, so the ratio gateway/limit measures processes + JS, not a different writer.
     let mut writer = tokio::spawn(async move {
         while let Some(frame) = outbound.recv().await {
-            if socket::write_batch(&mut sink, frame, || outbound.try_recv().ok()).await.is_err() {
+            if phoenix::write_batch(&mut sink, frame, || outbound.try_recv().ok()).await.is_err() {
                 break;
             }
         }
@@ -202,7 +202,7 @@ impl Connection {
             phoenix::PHX_LEAVE if !self.joined.contains_key(&frame.topic) => frame.reply(&Reply::ok_empty()),
             _ if !self.is_joined(&frame) => frame.reply_error("unmatched topic"),
             phoenix::PHX_LEAVE => return self.leave(&frame),
-            "send_message" => self.send_message(&frame),
+            SEND_MESSAGE => self.send_message(&frame),
             _ => frame.reply_error("unknown event"),
         };
         self.push(reply);
@@ -265,7 +265,7 @@ impl Connection {
         };
         // Encoded once; every subscriber (the sender too) gets a reference-counted clone. Sent
         // under the lock so that every subscriber sees the room's messages in id order.
-        let push = phoenix::push(None, &frame.topic, "new_message", &*message);
+        let push = phoenix::push(None, &frame.topic, phoenix::NEW_MESSAGE, &*message);
         for subscriber in room.subscribers.values() {
             let _ = subscriber.send(push.clone());
         }

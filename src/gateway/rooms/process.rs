@@ -1,10 +1,9 @@
-//! One live room: its id, the worker process that runs it, and the actor that owns that
-//! process.
+//! The actor that owns one room's worker process.
 //!
-//! The actor is the only code that touches the child: it writes calls in arrival order, reads
-//! every frame the worker sends, answers host calls, routes BroadcastChannel posts through the
+//! It is the only code that touches the child: it writes calls in arrival order, reads every
+//! frame the worker sends, answers host calls, routes BroadcastChannel posts through the
 //! PubSub, kills the worker on a protocol violation or when a call stays unanswered past the
-//! hard limit, and always reaps it. Callers hold a cheap, cloneable [`RoomHandle`].
+//! hard limit, and always reaps it.
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -12,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
@@ -23,147 +22,24 @@ use tokio::time::{timeout, Instant};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-use crate::ipc::{FromWorker, GatewayCodec, LogLevel, RuntimeLimits, ScriptError, ScriptErrorKind, ToWorker};
-use crate::phoenix;
-use crate::pubsub::{ChannelMessage, PubSub};
+use super::error::RoomError;
+use super::handle::{ExitReason, ExitReport, HandleEnds, ReadySignal, Request, RoomHandle};
+use super::ids::{RoomId, RuntimeId};
+use super::supervisor::{Launched, Launcher};
+use crate::gateway::config::Config;
+use crate::gateway::phoenix::{self, NEW_MESSAGE};
+use crate::gateway::pubsub::{ChannelMessage, PubSub};
+use crate::wire::{FromWorker, GatewayCodec, LogLevel, RuntimeLimits, ToWorker, PARENT_PID_ENV};
 
-pub const TOPIC_PREFIX: &str = "room:";
-const MAX_ROOM_ID_LEN: usize = 64;
-/// Calls queued for one room before callers wait for room in the queue.
-const COMMAND_QUEUE: usize = 1024;
 /// BroadcastChannel messages queued for one runtime before further ones are dropped.
 const DELIVERY_QUEUE: usize = 1024;
-
-/// A room id: `^[A-Za-z0-9_-]{1,64}$`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RoomId(Arc<str>);
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InvalidRoomId;
-
-impl RoomId {
-    pub fn parse(id: &str) -> Result<RoomId, InvalidRoomId> {
-        let valid = !id.is_empty()
-            && id.len() <= MAX_ROOM_ID_LEN
-            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-        if valid {
-            Ok(RoomId(id.into()))
-        } else {
-            Err(InvalidRoomId)
-        }
-    }
-
-    /// The room of a `room:<id>` topic.
-    pub fn from_topic(topic: &str) -> Result<RoomId, InvalidRoomId> {
-        topic.strip_prefix(TOPIC_PREFIX).ok_or(InvalidRoomId).and_then(RoomId::parse)
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    pub fn topic(&self) -> String {
-        format!("{TOPIC_PREFIX}{}", self.0)
-    }
-}
-
-impl std::fmt::Display for RoomId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// Why a room could not answer. [`RoomError::reason`] is what clients see.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RoomError {
-    RoomLimit,
-    CrashLooping,
-    Timeout,
-    WorkerExited,
-    /// The script threw, or its start-up failed; carries the script's error.
-    Script(ScriptError),
-    /// The worker could not be started at all.
-    Unavailable(String),
-    /// Another node's room failed; carries the reason that node gave.
-    Remote(String),
-    /// In a cluster: another node holds the room's lease.
-    OwnedElsewhere,
-}
-
-impl RoomError {
-    pub fn reason(&self) -> String {
-        match self {
-            RoomError::RoomLimit => "room limit reached".to_owned(),
-            RoomError::CrashLooping => "room is crash-looping".to_owned(),
-            RoomError::Timeout => "timeout".to_owned(),
-            RoomError::WorkerExited => "room worker exited".to_owned(),
-            RoomError::Script(e) if e.kind == ScriptErrorKind::Timeout => "timeout".to_owned(),
-            RoomError::Script(e) => e.message.clone(),
-            RoomError::Unavailable(why) => format!("room unavailable: {why}"),
-            RoomError::Remote(reason) => reason.clone(),
-            RoomError::OwnedElsewhere => "room is owned by another node".to_owned(),
-        }
-    }
-}
-
-impl std::fmt::Display for RoomError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.reason())
-    }
-}
-
-impl std::error::Error for RoomError {}
-
-/// How a worker ended.
-#[derive(Debug, Clone)]
-pub enum ExitReason {
-    /// The gateway asked it to stop (shutdown); not a crash.
-    Requested,
-    /// It exited or was killed from outside (e.g. `kill <pid>`).
-    Exited(ExitStatus),
-    ProtocolViolation(String),
-    /// A call stayed unanswered past the hard limit, or start-up never finished.
-    Unresponsive,
-    /// Killed by the gateway for a reason of its own (start-up timeout, shutdown grace over).
-    Killed(&'static str),
-}
-
-impl ExitReason {
-    pub fn is_crash(&self) -> bool {
-        !matches!(self, ExitReason::Requested)
-    }
-}
-
-impl std::fmt::Display for ExitReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ExitReason::Requested => f.write_str("shut down on request"),
-            ExitReason::Exited(status) => write!(f, "exited unexpectedly ({status})"),
-            ExitReason::ProtocolViolation(why) => write!(f, "protocol violation: {why}"),
-            ExitReason::Unresponsive => f.write_str("unresponsive past the hard timeout"),
-            ExitReason::Killed(why) => write!(f, "killed: {why}"),
-        }
-    }
-}
-
-/// What the actor reports once its worker is gone and reaped.
-#[derive(Debug)]
-pub struct ExitReport {
-    pub room: RoomId,
-    pub runtime: u64,
-    pub pid: u32,
-    pub reason: ExitReason,
-    /// Whether the runtime ever became ready: only then was there state to lose, and only
-    /// then is its end counted here (a failed start is counted when it fails).
-    pub was_ready: bool,
-}
 
 /// Everything needed to start one runtime.
 #[derive(Debug, Clone)]
 pub struct RoomSpec {
     pub room: RoomId,
     /// Unique per start; tells a restarted room's worker from the one it replaces.
-    pub runtime: u64,
+    pub runtime: RuntimeId,
     pub worker_path: PathBuf,
     pub worker_argv0: &'static str,
     pub script_name: String,
@@ -173,65 +49,37 @@ pub struct RoomSpec {
     pub hard_timeout: Duration,
 }
 
-enum Request {
-    Call { function: String, args: String, reply: oneshot::Sender<Result<String, RoomError>> },
-    Shutdown,
+/// Starts rooms as worker processes, from the gateway's configuration.
+pub(crate) struct ProcessLauncher {
+    pub config: Arc<Config>,
+    pub pubsub: Arc<PubSub>,
 }
 
-/// A cheap handle on a live room.
-#[derive(Clone, Debug)]
-pub struct RoomHandle {
-    pub room: RoomId,
-    pub runtime: u64,
-    pub pid: u32,
-    pub started_at_ms: u64,
-    commands: mpsc::Sender<Request>,
-    kill: CancellationToken,
-    calls: Arc<AtomicU64>,
-    /// When a caller last asked for this room (ms since the epoch): the least recently used
-    /// idle room is the one evicted when the room limit is reached.
-    last_used_ms: Arc<AtomicU64>,
-    call_timeout: Duration,
-}
-
-impl RoomHandle {
-    /// Calls a top-level function of the room script. `args_json` is a JSON array; the
-    /// result is JSON. Calls run one at a time, in the order they were made.
-    pub async fn call(&self, function: &str, args_json: String) -> Result<String, RoomError> {
-        self.last_used_ms.store(epoch_ms(), Ordering::Relaxed);
-        let (reply, answer) = oneshot::channel();
-        let command = Request::Call { function: function.to_owned(), args: args_json, reply };
-        let exchange = async {
-            self.commands.send(command).await.map_err(|_| RoomError::WorkerExited)?;
-            answer.await.map_err(|_| RoomError::WorkerExited)?
+impl Launcher for ProcessLauncher {
+    fn launch(&self, room: &RoomId, runtime: RuntimeId) -> Result<Launched, RoomError> {
+        let config = &self.config;
+        let (script_name, script) =
+            config.load_room_script().map_err(|e| RoomError::ScriptUnreadable(Arc::new(e)))?;
+        let (worker_path, worker_argv0) =
+            config.worker_command().map_err(|e| RoomError::WorkerNotFound(Arc::new(e)))?;
+        let spec = RoomSpec {
+            room: room.clone(),
+            runtime,
+            worker_path,
+            worker_argv0,
+            script_name,
+            script,
+            limits: config.runtime_limits(),
+            call_timeout: config.call_timeout(),
+            hard_timeout: config.hard_timeout(),
         };
-        timeout(self.call_timeout, exchange).await.unwrap_or(Err(RoomError::Timeout))
-    }
-
-    /// Asks the worker to finish; it exits once it has drained what it was sent.
-    pub async fn shutdown(&self) {
-        let _ = self.commands.send(Request::Shutdown).await;
-    }
-
-    pub fn kill(&self) {
-        self.kill.cancel();
-    }
-
-    pub fn calls(&self) -> u64 {
-        self.calls.load(Ordering::Relaxed)
-    }
-
-    pub fn last_used_ms(&self) -> u64 {
-        self.last_used_ms.load(Ordering::Relaxed)
-    }
-
-    pub fn is_closed(&self) -> bool {
-        self.commands.is_closed()
+        let (handle, ready, actor) = spawn(spec, self.pubsub.clone()).map_err(|e| {
+            tracing::error!(room = %room, "cannot start a room worker: {e}");
+            RoomError::SpawnFailed(Arc::new(e))
+        })?;
+        Ok(Launched { handle, ready, actor: Box::pin(actor) })
     }
 }
-
-/// Resolves once the runtime is ready or has failed to start.
-pub type ReadySignal = oneshot::Receiver<Result<(), RoomError>>;
 
 /// Starts the worker process. The returned future is the actor: it must be polled (spawned)
 /// for the room to work, and resolves once the worker is gone and reaped.
@@ -242,7 +90,7 @@ pub fn spawn(
     let mut command = Command::new(&spec.worker_path);
     command
         .arg0(spec.worker_argv0)
-        .env(crate::worker::PARENT_PID_ENV, std::process::id().to_string())
+        .env(PARENT_PID_ENV, std::process::id().to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -259,23 +107,10 @@ pub fn spawn(
     };
     tokio::spawn(forward_stderr(spec.room.clone(), pid, stderr));
 
-    let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
+    let (handle, HandleEnds { commands, kill, calls }) =
+        RoomHandle::new(spec.room.clone(), spec.runtime, pid, spec.call_timeout);
     let (inbox_tx, inbox) = mpsc::channel(DELIVERY_QUEUE);
     let (ready_tx, ready) = oneshot::channel();
-    let kill = CancellationToken::new();
-    let calls = Arc::new(AtomicU64::new(0));
-    let started_at_ms = epoch_ms();
-    let handle = RoomHandle {
-        room: spec.room.clone(),
-        runtime: spec.runtime,
-        pid,
-        started_at_ms,
-        commands: commands_tx,
-        kill: kill.clone(),
-        calls: calls.clone(),
-        last_used_ms: Arc::new(AtomicU64::new(started_at_ms)),
-        call_timeout: spec.call_timeout,
-    };
     let max_frame = usize::try_from(spec.limits.max_frame_bytes).unwrap_or(usize::MAX);
     let actor = Actor {
         writer: FramedWrite::new(stdin, GatewayCodec::new(max_frame)),
@@ -333,7 +168,7 @@ struct Violation(String);
 impl Actor {
     async fn run(mut self) -> ExitReport {
         let room = self.spec.room.clone();
-        tracing::info!(room = %room, pid = self.pid, runtime = self.spec.runtime, "room worker started");
+        tracing::info!(room = %room, pid = self.pid, runtime = %self.spec.runtime, "room worker started");
         let start = ToWorker::Start {
             room_id: room.to_string(),
             script_name: self.spec.script_name.clone(),
@@ -503,7 +338,7 @@ impl Actor {
                 let raw = RawValue::from_string(data)
                     .map_err(|e| Violation(format!("a post whose data is not JSON: {e}")))?;
                 if RoomId::from_topic(&channel).is_ok() {
-                    let frame = phoenix::push(None, &channel, "new_message", &*raw);
+                    let frame = phoenix::push(None, &channel, NEW_MESSAGE, &*raw);
                     self.pubsub.broadcast(&channel, &frame);
                 }
                 let message = ChannelMessage { channel: channel.into(), data: raw.get().into() };
@@ -538,7 +373,7 @@ impl Actor {
                     serde_json::from_str(args_json).map_err(|e| format!("broadcast: bad arguments: {e}"))?;
                 let message = args.first().ok_or("broadcast needs a message to send")?;
                 let topic = self.spec.room.topic();
-                let frame = phoenix::push(None, &topic, "new_message", &**message);
+                let frame = phoenix::push(None, &topic, NEW_MESSAGE, &**message);
                 self.pubsub.broadcast(&topic, &frame);
                 Ok("null".to_owned())
             }
@@ -560,26 +395,5 @@ async fn forward_stderr(room: RoomId, pid: u32, stderr: tokio::process::ChildStd
     let mut lines = BufReader::new(stderr).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         tracing::warn!(room = %room, pid, "worker stderr: {line}");
-    }
-}
-
-pub fn epoch_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn room_ids_follow_the_design_pattern() {
-        assert!(RoomId::parse("general").is_ok());
-        assert!(RoomId::parse("a-b_C9").is_ok());
-        assert!(RoomId::parse(&"x".repeat(64)).is_ok());
-        for bad in ["", &"x".repeat(65), "../x", "a b", "é", "a\0b", "room:a"] {
-            assert!(RoomId::parse(bad).is_err(), "accepted {bad:?}");
-        }
-        assert_eq!(RoomId::from_topic("room:general").unwrap().as_str(), "general");
-        assert!(RoomId::from_topic("lobby:general").is_err());
     }
 }

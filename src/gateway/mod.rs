@@ -1,4 +1,16 @@
-//! The gateway process: configuration, logging, the server, and an orderly shutdown.
+//! The gateway process: HTTP and the Phoenix socket in front, the PubSub and the room
+//! supervisor behind, the cluster beside. This module starts it all and shuts it down in
+//! order.
+
+pub mod chat;
+pub(crate) mod cluster;
+pub mod config;
+mod http;
+pub mod phoenix;
+pub mod pubsub;
+pub mod rooms;
+mod shutdown;
+mod socket;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -10,13 +22,14 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
-use crate::cluster::Cluster;
-use crate::config::Config;
-use crate::http::{self, AppState};
-use crate::pubsub::PubSub;
-use crate::shutdown::{termination_signal, Shutdown};
-use crate::socket::SocketContext;
-use crate::supervisor::Supervisor;
+use chat::Chat;
+use cluster::Cluster;
+use config::Config;
+use http::AppState;
+use pubsub::PubSub;
+use rooms::Supervisor;
+use shutdown::{termination_signal, Shutdown};
+use socket::SocketContext;
 
 /// How long open sockets get to receive their close frame before workers are stopped.
 const SOCKET_CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -56,24 +69,30 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     let cluster = match &config.cluster {
         None => None,
         Some(url) => {
-            let node = config.node_id.clone().unwrap_or_else(crate::cluster::default_node_id);
-            let cluster =
-                Cluster::connect(url, node, config.cluster_lease()).await.map_err(std::io::Error::other)?;
-            cluster.attach(pubsub.clone());
-            tracing::info!(node = cluster.node(), "joining the cluster at {url}");
+            let node =
+                config.node_id.as_deref().map(rooms::NodeId::new).unwrap_or_else(cluster::default_node_id);
+            let cluster = Cluster::connect(url, node, config.cluster_lease(), pubsub.clone())
+                .await
+                .map_err(std::io::Error::other)?;
+            tracing::info!(node = %cluster.node(), "joining the cluster at {url}");
             Some(cluster)
         }
     };
-    let supervisor = Supervisor::with_cluster(config.clone(), pubsub, cluster);
-    supervisor.join_cluster();
+    let supervisor =
+        Supervisor::with_placement(config.clone(), pubsub, cluster.as_ref().map(Cluster::placement));
+    if let Some(cluster) = &cluster {
+        cluster.start(supervisor.clone());
+    }
     let shutdown = Shutdown::new();
     let connections = TaskTracker::new();
     let state = AppState {
         socket: SocketContext {
             supervisor: supervisor.clone(),
             config: config.clone(),
+            chat: Chat::new(&config),
             shutdown: shutdown.clone(),
         },
+        cluster,
         connections: connections.clone(),
     };
 

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::subjects;
-use crate::pubsub::{ChannelMessage, ClusterCommand, PubSub};
+use crate::gateway::pubsub::{ChannelMessage, ClusterCommand, PubSub};
 
 /// The first byte of every message on a topic subject says what follows.
 const FRAME: u8 = b'F';

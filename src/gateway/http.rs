@@ -9,13 +9,15 @@ use axum::{Json, Router};
 use serde_json::json;
 use tokio_util::task::TaskTracker;
 
-use crate::socket::{self, SocketContext};
+use super::cluster::Cluster;
+use super::socket::{self, SocketContext};
 
-const INDEX_HTML: &str = include_str!("../static/index.html");
+const INDEX_HTML: &str = include_str!("../../static/index.html");
 
 #[derive(Clone)]
 pub struct AppState {
     pub socket: SocketContext,
+    pub cluster: Option<Cluster>,
     /// Upgraded connections outlive their HTTP request; shutdown waits for them here.
     pub connections: TaskTracker,
 }
@@ -99,7 +101,11 @@ fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), String> {
 }
 
 async fn rooms(State(state): State<AppState>) -> impl IntoResponse {
-    Json(state.socket.supervisor.rooms_in_cluster().await)
+    let supervisor = &state.socket.supervisor;
+    match &state.cluster {
+        Some(cluster) => Json(cluster.rooms(supervisor).await),
+        None => Json(supervisor.rooms()),
+    }
 }
 
 /// 200 with `"status": "ok"` when ready; 503 while shutting down or, in a cluster, while NATS
@@ -108,10 +114,10 @@ async fn healthz(State(state): State<AppState>) -> Response {
     let supervisor = &state.socket.supervisor;
     let mut body = json!({ "status": "ok", "rooms": supervisor.live_room_count() });
     let mut ready = true;
-    if let Some(cluster) = supervisor.cluster() {
+    if let Some(cluster) = &state.cluster {
         let nats = if cluster.is_connected() { "connected" } else { "disconnected" };
         ready = cluster.is_ready();
-        body["cluster"] = json!({ "node": cluster.node(), "nats": nats, "ready": ready });
+        body["cluster"] = json!({ "node": cluster.node().as_str(), "nats": nats, "ready": ready });
         if !ready {
             body["status"] = json!("not ready");
         }

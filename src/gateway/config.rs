@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::ipc::RuntimeLimits;
+use crate::wire::{RuntimeLimits, DEFAULT_MAX_FRAME_BYTES, WORKER_ARGV0};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -65,7 +65,7 @@ pub struct Config {
     pub outbound_queue: usize,
 
     /// Largest IPC frame from a worker; larger is a protocol violation.
-    #[arg(long, env = "ROOMVISOR_MAX_IPC_FRAME_BYTES", default_value_t = crate::ipc::DEFAULT_MAX_FRAME_BYTES)]
+    #[arg(long, env = "ROOMVISOR_MAX_IPC_FRAME_BYTES", default_value_t = DEFAULT_MAX_FRAME_BYTES)]
     pub max_ipc_frame_bytes: usize,
 
     /// Origins allowed to open a WebSocket besides the request's own host (repeatable).
@@ -127,7 +127,7 @@ pub struct Config {
 
 pub const DEFAULT_ROOM_SCRIPT: &str = "rooms/chat-room.js";
 /// The chat script, built in so that the default works from any directory.
-pub const BUILTIN_CHAT_SCRIPT: &str = include_str!("../rooms/chat-room.js");
+pub const BUILTIN_CHAT_SCRIPT: &str = include_str!("../../rooms/chat-room.js");
 
 impl Default for Config {
     fn default() -> Self {
@@ -198,14 +198,14 @@ impl Config {
     /// Where the worker executable is, and the argv[0] to start it with.
     pub fn worker_command(&self) -> std::io::Result<(PathBuf, &'static str)> {
         if let Some(path) = &self.worker_bin {
-            return Ok((path.clone(), crate::worker::WORKER_ARGV0));
+            return Ok((path.clone(), WORKER_ARGV0));
         }
         let me = std::env::current_exe()?;
-        let sibling = me.with_file_name(crate::worker::WORKER_ARGV0);
+        let sibling = me.with_file_name(WORKER_ARGV0);
         if sibling.is_file() {
-            Ok((sibling, crate::worker::WORKER_ARGV0))
+            Ok((sibling, WORKER_ARGV0))
         } else {
-            Ok((me, crate::worker::WORKER_ARGV0))
+            Ok((me, WORKER_ARGV0))
         }
     }
 }

@@ -6,12 +6,19 @@
 
 use std::cell::Cell;
 use std::rc::Rc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rquickjs::context::EvalOptions;
-use rquickjs::{CatchResultExt, CaughtError, Context, Ctx, Function, Object, Persistent, Runtime};
+use rquickjs::{CatchResultExt, Context, Function, Object, Persistent, Runtime};
 
-use crate::ipc::{LogLevel, RuntimeLimits, ScriptError, ScriptErrorKind};
+use crate::wire::{LogLevel, RuntimeLimits, ScriptError, ScriptErrorKind};
+use errors::{describe_value, script_error_from_value, timeout_error, to_script_error, with_location};
+use natives::natives;
+
+mod errors;
+mod natives;
+#[cfg(test)]
+mod tests;
 
 const PRELUDE: &str = include_str!("prelude.js");
 /// Deep recursion must end in a RangeError, not a segfault of the worker's 8 MiB main stack.
@@ -164,7 +171,7 @@ impl Engine {
 
     /// Runs every timer due now, each as its own macrotask with its own CPU budget.
     pub fn run_due_timers(&self) {
-        let now = epoch_ms();
+        let now = epoch_ms_f64();
         let id_limit = match self.turn(|hooks| {
             let watermark: Function = hooks.get("timerWatermark")?;
             watermark.call::<_, f64>(())
@@ -198,7 +205,7 @@ impl Engine {
         if at < 0.0 {
             return None;
         }
-        let wait_ms = (at - epoch_ms()).max(0.0);
+        let wait_ms = (at - epoch_ms_f64()).max(0.0);
         Some(Instant::now() + Duration::from_secs_f64(wait_ms / 1000.0))
     }
 
@@ -274,144 +281,7 @@ fn eval_options(filename: &str, strict: bool) -> EvalOptions {
     options
 }
 
-fn epoch_ms() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0)
-}
-
-/// The natives the prelude builds the script API on. They are passed to the prelude, never
-/// installed as globals.
-fn natives<'js>(ctx: &Ctx<'js>, host: Rc<dyn Host>) -> rquickjs::Result<Object<'js>> {
-    let natives = Object::new(ctx.clone())?;
-
-    let h = host.clone();
-    natives.set(
-        "hostCallSync",
-        Function::new(ctx.clone(), move |ctx: Ctx<'js>, name: String, args: String| {
-            h.host_call_sync(&name, &args)
-                .map_err(|message| rquickjs::Exception::throw_message(&ctx, &message))
-        })?,
-    )?;
-    let h = host.clone();
-    natives.set(
-        "hostCallAsync",
-        Function::new(ctx.clone(), move |name: String, args: String| h.host_call_async(&name, &args) as f64)?,
-    )?;
-    let h = host.clone();
-    natives.set(
-        "post",
-        Function::new(ctx.clone(), move |channel: String, data: String| h.post(&channel, &data))?,
-    )?;
-    let h = host.clone();
-    natives.set("subscribe", Function::new(ctx.clone(), move |channel: String| h.subscribe(&channel))?)?;
-    let h = host.clone();
-    natives
-        .set("unsubscribe", Function::new(ctx.clone(), move |channel: String| h.unsubscribe(&channel))?)?;
-    let h = host.clone();
-    natives.set(
-        "log",
-        Function::new(ctx.clone(), move |level: String, message: String| {
-            let level = match level.as_str() {
-                "debug" => LogLevel::Debug,
-                "warn" => LogLevel::Warn,
-                "error" => LogLevel::Error,
-                _ => LogLevel::Info,
-            };
-            h.log(level, &message)
-        })?,
-    )?;
-    let h = host.clone();
-    natives.set(
-        "replyOk",
-        Function::new(ctx.clone(), move |id: f64, json: String| h.reply(id as u64, Ok(json)))?,
-    )?;
-    let h = host;
-    natives.set(
-        "replyError",
-        Function::new(ctx.clone(), move |id: f64, message: String, stack: String| {
-            let kind = classify_message(&message);
-            let stack = (!stack.is_empty()).then_some(stack);
-            h.reply(id as u64, Err(ScriptError { kind, message, stack }))
-        })?,
-    )?;
-    Ok(natives)
-}
-
-fn classify_message(message: &str) -> ScriptErrorKind {
-    if message == "out of memory" {
-        ScriptErrorKind::OutOfMemory
-    } else {
-        ScriptErrorKind::Exception
-    }
-}
-
-fn to_script_error(error: CaughtError<'_>, budget: &CpuBudget) -> ScriptError {
-    if budget.exceeded.get() {
-        return timeout_error(budget);
-    }
-    match error {
-        CaughtError::Exception(exception) => {
-            let message = exception.message().unwrap_or_else(|| "exception".to_owned());
-            let kind = classify_message(&message);
-            let name: Option<String> = exception.get("name").ok();
-            let message = match name {
-                Some(name) if !name.is_empty() => format!("{name}: {message}"),
-                _ => message,
-            };
-            ScriptError { kind, message, stack: exception.stack() }
-        }
-        CaughtError::Value(value) => ScriptError::exception(describe_value(&value)),
-        CaughtError::Error(rquickjs::Error::Allocation) => ScriptError {
-            kind: ScriptErrorKind::OutOfMemory,
-            message: "out of memory".to_owned(),
-            stack: None,
-        },
-        CaughtError::Error(other) => ScriptError::exception(other.to_string()),
-    }
-}
-
-/// Start-up errors are read by whoever fixes the script: name the error and where it is,
-/// e.g. `SyntaxError: unexpected token in expression: ')' (at room.js:3:14)`.
-fn with_location(mut error: ScriptError) -> ScriptError {
-    let location = error
-        .stack
-        .as_deref()
-        .and_then(|stack| stack.lines().map(str::trim).find_map(|line| line.strip_prefix("at ")));
-    if let Some(location) = location {
-        error.message = format!("{} (at {location})", error.message);
-    }
-    error
-}
-
-fn script_error_from_value(value: &rquickjs::Value<'_>, budget: &CpuBudget) -> ScriptError {
-    if budget.exceeded.get() {
-        return timeout_error(budget);
-    }
-    let message = describe_value(value);
-    let stack =
-        value.as_object().and_then(|o| rquickjs::Exception::from_object(o.clone())).and_then(|e| e.stack());
-    ScriptError { kind: classify_message(&message), message, stack }
-}
-
-fn timeout_error(budget: &CpuBudget) -> ScriptError {
-    ScriptError {
-        kind: ScriptErrorKind::Timeout,
-        message: format!("script ran past its CPU budget of {} ms", budget.limit.as_millis()),
-        stack: None,
-    }
-}
-
-fn describe_value(value: &rquickjs::Value<'_>) -> String {
-    if let Some(exception) = value.as_object().and_then(|o| rquickjs::Exception::from_object(o.clone())) {
-        return exception.message().unwrap_or_else(|| "exception".to_owned());
-    }
-    if let Some(s) = value.as_string().and_then(|s| s.to_string().ok()) {
-        return s;
-    }
-    value
-        .ctx()
-        .json_stringify(value.clone())
-        .ok()
-        .flatten()
-        .and_then(|s| s.to_string().ok())
-        .unwrap_or_else(|| format!("{:?}", value.type_of()))
+/// The clock the prelude's timers use (`Date.now()`), as the float QuickJS numbers are.
+fn epoch_ms_f64() -> f64 {
+    crate::util::epoch_ms() as f64
 }

@@ -1,8 +1,7 @@
 //! Room ownership: one node per room, claimed in a JetStream key-value bucket.
 //!
 //! A claim is an atomic `create` of the room's key; its value names the owner node and the
-//! runtime it started (`node/runtime`), so a restarted room is told apart from the one it
-//! replaced. The bucket's max age is the lease: an owner renews each claim well within it,
+//! runtime it started. The bucket's max age is the lease: an owner renews each claim well within it,
 //! and a node that dies stops renewing, so its keys expire and the next use of its rooms
 //! claims them elsewhere.
 
@@ -13,7 +12,8 @@ use std::time::Duration;
 use async_nats::jetstream::kv::{self, CreateErrorKind};
 use bytes::Bytes;
 
-use crate::room::RoomId;
+use crate::gateway::rooms::{Claim, Holder, NodeId, PlacementError, RoomId, RuntimeId};
+use crate::util::{LockExt, RwLockExt};
 
 const BUCKET: &str = "roomvisor-rooms";
 /// Lease renewals in flight at once.
@@ -21,37 +21,63 @@ const RENEWALS_AT_ONCE: usize = 64;
 /// Key-value calls give up after this long, so a lost connection means a clear error, not a hang.
 const KV_TIMEOUT: Duration = Duration::from_secs(2);
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LeaseError {
+#[derive(Debug)]
+pub(crate) enum LeaseError {
     /// The bucket is not open yet: NATS is unreachable or JetStream is not enabled.
     NotReady,
-    Nats(String),
+    /// The room's lease changed hands between two steps of a claim.
+    Moved,
+    /// NATS failed; carries its error.
+    Nats(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl LeaseError {
+    fn nats(error: impl std::error::Error + Send + Sync + 'static) -> LeaseError {
+        LeaseError::Nats(Box::new(error))
+    }
 }
 
 impl std::fmt::Display for LeaseError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             LeaseError::NotReady => f.write_str("not connected to the cluster"),
-            LeaseError::Nats(why) => write!(f, "cluster error: {why}"),
+            LeaseError::Moved => f.write_str("the room's lease changed hands; try again"),
+            LeaseError::Nats(e) => write!(f, "{e}"),
         }
     }
 }
 
-/// Who holds a room: the owner node and which of its runtimes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Holder(String);
-
-impl Holder {
-    pub fn new(node: &str, runtime: u64) -> Holder {
-        Holder(format!("{node}/{runtime}"))
+impl std::error::Error for LeaseError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LeaseError::Nats(e) => Some(&**e),
+            _ => None,
+        }
     }
+}
 
-    pub fn node(&self) -> &str {
-        self.0.rsplit_once('/').map(|(node, _)| node).unwrap_or(&self.0)
+impl From<LeaseError> for PlacementError {
+    fn from(error: LeaseError) -> Self {
+        match error {
+            LeaseError::NotReady => PlacementError::NotReady,
+            other => PlacementError::Failed(std::sync::Arc::new(other)),
+        }
     }
+}
 
-    pub fn as_str(&self) -> &str {
-        &self.0
+/// A lease's value: the holder as `node/runtime`, so a restarted room is told apart from the
+/// one it replaced.
+fn encode_holder(holder: &Holder) -> Bytes {
+    Bytes::from(format!("{}/{}", holder.node, holder.runtime))
+}
+
+/// Reads a lease's value. A value this version did not write still names a node (runtime 0),
+/// so it is never taken for one of ours.
+fn decode_holder(value: &[u8]) -> Holder {
+    let value = String::from_utf8_lossy(value);
+    match value.rsplit_once('/').and_then(|(node, runtime)| Some((node, runtime.parse().ok()?))) {
+        Some((node, runtime)) => Holder { node: NodeId::new(node), runtime: RuntimeId::new(runtime) },
+        None => Holder { node: NodeId::new(&value), runtime: RuntimeId::new(0) },
     }
 }
 
@@ -62,7 +88,7 @@ async fn renew_one(
     holder: &Holder,
     revision: u64,
 ) -> Result<Option<u64>, LeaseError> {
-    let value = Bytes::from(holder.0.clone());
+    let value = encode_holder(holder);
     match store.update(room.as_str(), value.clone(), revision).await {
         Ok(revision) => Ok(Some(revision)),
         // Expired (an outage longer than the lease, or a restarted server): claim it again
@@ -70,17 +96,12 @@ async fn renew_one(
         Err(_) => match store.create(room.as_str(), value).await {
             Ok(revision) => Ok(Some(revision)),
             Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
-            Err(e) => Err(LeaseError::Nats(e.to_string())),
+            Err(e) => Err(LeaseError::nats(e)),
         },
     }
 }
 
-pub enum Claim {
-    Ours,
-    Held(Holder),
-}
-
-pub struct Leases {
+pub(crate) struct Leases {
     lease: Duration,
     store: RwLock<Option<kv::Store>>,
     /// Rooms this node holds: their holder value and the revision the last renewal wrote.
@@ -97,7 +118,7 @@ impl Leases {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.store.read().unwrap_or_else(|p| p.into_inner()).is_some()
+        self.store.read_or_recover().is_some()
     }
 
     /// Opens (creating if needed) the bucket. In memory: leases are meant to die with the
@@ -118,57 +139,57 @@ impl Leases {
             Err(create) => jetstream
                 .get_key_value(BUCKET)
                 .await
-                .map_err(|get| LeaseError::Nats(format!("{create}; {get}")))?,
+                .map_err(|get| LeaseError::Nats(format!("{create}; {get}").into()))?,
         };
-        *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(store);
+        *self.store.write_or_recover() = Some(store);
         Ok(())
     }
 
     /// Forgets the bucket, so the next renewal opens it again (after a server restart).
     pub fn close(&self) {
-        *self.store.write().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.store.write_or_recover() = None;
     }
 
     fn store(&self) -> Result<kv::Store, LeaseError> {
-        self.store.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(LeaseError::NotReady)
+        self.store.read_or_recover().clone().ok_or(LeaseError::NotReady)
     }
 
     /// The room's holder, if its lease is alive.
     pub async fn holder(&self, room: &RoomId) -> Result<Option<Holder>, LeaseError> {
-        let value = self.store()?.get(room.as_str()).await.map_err(|e| LeaseError::Nats(e.to_string()))?;
-        Ok(value.map(|v| Holder(String::from_utf8_lossy(&v).into_owned())))
+        let value = self.store()?.get(room.as_str()).await.map_err(LeaseError::nats)?;
+        Ok(value.map(|v| decode_holder(&v)))
     }
 
     /// Claims the room for `holder` unless a live lease names someone else.
     pub async fn claim(&self, room: &RoomId, holder: Holder) -> Result<Claim, LeaseError> {
         let store = self.store()?;
-        match store.create(room.as_str(), Bytes::from(holder.0.clone())).await {
+        match store.create(room.as_str(), encode_holder(&holder)).await {
             Ok(revision) => {
                 self.held().insert(room.clone(), (holder, revision));
                 Ok(Claim::Ours)
             }
             Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
-                let entry = store.entry(room.as_str()).await.map_err(|e| LeaseError::Nats(e.to_string()))?;
+                let entry = store.entry(room.as_str()).await.map_err(LeaseError::nats)?;
                 let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
                     // Expired between the two calls: the next attempt will get it.
-                    return Err(LeaseError::Nats("the room's lease changed hands; try again".to_owned()));
+                    return Err(LeaseError::Moved);
                 };
-                let current = Holder(String::from_utf8_lossy(&entry.value).into_owned());
-                if current.node() != holder.node() {
+                let current = decode_holder(&entry.value);
+                if current.node != holder.node {
                     return Ok(Claim::Held(current));
                 }
                 // Our own lease on a runtime that is gone (it ended before its release
                 // reached NATS): take it over for the new runtime.
-                let value = Bytes::from(holder.0.clone());
+                let value = encode_holder(&holder);
                 match store.update(room.as_str(), value, entry.revision).await {
                     Ok(revision) => {
                         self.held().insert(room.clone(), (holder, revision));
                         Ok(Claim::Ours)
                     }
-                    Err(e) => Err(LeaseError::Nats(e.to_string())),
+                    Err(e) => Err(LeaseError::nats(e)),
                 }
             }
-            Err(e) => Err(LeaseError::Nats(e.to_string())),
+            Err(e) => Err(LeaseError::nats(e)),
         }
     }
 
@@ -243,23 +264,32 @@ impl Leases {
     pub async fn all(&self) -> Result<Vec<(String, Holder)>, LeaseError> {
         use futures_util::TryStreamExt;
         let store = self.store()?;
-        let keys: Vec<String> = store
-            .keys()
-            .await
-            .map_err(|e| LeaseError::Nats(e.to_string()))?
-            .try_collect()
-            .await
-            .map_err(|e| LeaseError::Nats(e.to_string()))?;
+        let keys: Vec<String> =
+            store.keys().await.map_err(LeaseError::nats)?.try_collect().await.map_err(LeaseError::nats)?;
         let mut leases = Vec::with_capacity(keys.len());
         for key in keys {
             if let Ok(Some(value)) = store.get(key.as_str()).await {
-                leases.push((key, Holder(String::from_utf8_lossy(&value).into_owned())));
+                leases.push((key, decode_holder(&value)));
             }
         }
         Ok(leases)
     }
 
     fn held(&self) -> MutexGuard<'_, HashMap<RoomId, (Holder, u64)>> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
+        self.held.lock_or_recover()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holders_round_trip_through_the_lease_value() {
+        let holder = Holder { node: NodeId::new("gw-1/a"), runtime: RuntimeId::new(42) };
+        assert_eq!(encode_holder(&holder), "gw-1/a/42");
+        assert_eq!(decode_holder(b"gw-1/a/42"), holder, "node names may hold a slash");
+        let foreign = decode_holder(b"someone");
+        assert_eq!((foreign.node.as_str(), foreign.runtime.get()), ("someone", 0));
     }
 }

@@ -1,114 +1,24 @@
-//! The room-worker process: one room's runtime, driven by frames on stdin.
-//!
-//! Single-threaded on purpose: a runtime is an actor, so a second thread or an async runtime
-//! would only cost memory. The event loop is `poll(2)` on stdin with the next timer as its
-//! timeout.
+//! The worker's end of the IPC pipe pair: blocking reads under `poll(2)` with the next timer
+//! as the timeout, writes batched until the worker would block, and the [`Host`] the engine
+//! calls out through.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read as _, Write as _};
 use std::os::fd::{AsFd, OwnedFd};
-use std::process::ExitCode;
-use std::rc::Rc;
 use std::time::Instant;
 
 use bytes::BytesMut;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tokio_util::codec::{Decoder, Encoder};
 
-use crate::engine::{Engine, Host};
-use crate::ipc::{FromWorker, LogLevel, ScriptError, ToWorker, WorkerCodec, DEFAULT_MAX_FRAME_BYTES};
-
-/// The gateway passes its pid so that a worker whose gateway died before `PR_SET_PDEATHSIG`
-/// took effect notices and exits instead of running on as an orphan.
-pub const PARENT_PID_ENV: &str = "ROOMVISOR_GATEWAY_PID";
-/// The name a worker runs under, in `ps` and as the fallback's argv[0].
-pub const WORKER_ARGV0: &str = "room-worker";
-
-/// True when this executable was started as a room worker (the gateway's fallback when no
-/// `room-worker` binary sits beside it).
-pub fn invoked_as_worker() -> bool {
-    std::env::args_os()
-        .next()
-        .map(std::path::PathBuf::from)
-        .and_then(|p| p.file_name().map(|n| n == WORKER_ARGV0))
-        .unwrap_or(false)
-}
-
-pub fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("room-worker {}: {e}", std::process::id());
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run() -> io::Result<()> {
-    die_with_gateway()?;
-    let io = Rc::new(Pipe::from_stdio()?);
-
-    let (room_id, script_name, script, limits) = match io.read(None)? {
-        Incoming::Frame(ToWorker::Start { room_id, script_name, script, limits }) => {
-            (room_id, script_name, script, limits)
-        }
-        Incoming::Closed => return Ok(()),
-        other => return Err(protocol_error(format!("expected Start, got {other:?}"))),
-    };
-    io.set_max_frame_bytes(usize::try_from(limits.max_frame_bytes).unwrap_or(DEFAULT_MAX_FRAME_BYTES));
-
-    let engine = match Engine::start(&room_id, &script_name, &script, &limits, io.clone()) {
-        Ok(engine) => engine,
-        Err(error) => {
-            io.send(FromWorker::StartFailed(error));
-            return Ok(());
-        }
-    };
-    io.send(FromWorker::Ready);
-
-    while !io.closed.get() {
-        let timer_due = engine.next_timer_at();
-        let incoming = match io.backlog.borrow_mut().pop_front() {
-            Some(frame) => Incoming::Frame(frame),
-            None => io.read(timer_due)?,
-        };
-        match incoming {
-            Incoming::Frame(ToWorker::Call { id, function, args }) => engine.call(id, &function, &args),
-            Incoming::Frame(ToWorker::HostReply { id, result }) => engine.settle_host_call(id, result),
-            Incoming::Frame(ToWorker::Deliver { channel, data }) => engine.deliver(&channel, &data),
-            Incoming::Frame(ToWorker::Shutdown) | Incoming::Closed => break,
-            Incoming::Frame(ToWorker::Start { .. }) => {
-                return Err(protocol_error("a second Start frame".to_owned()))
-            }
-            Incoming::TimedOut => {}
-        }
-        if timer_due.is_some_and(|due| due <= Instant::now()) {
-            engine.run_due_timers();
-        }
-    }
-    Ok(())
-}
-
-fn protocol_error(message: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, message)
-}
-
-/// `PR_SET_PDEATHSIG` kills this process when the gateway dies, even by `kill -9`.
-fn die_with_gateway() -> io::Result<()> {
-    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(io::Error::from)?;
-    let expected = std::env::var(PARENT_PID_ENV).ok().and_then(|p| p.parse::<i32>().ok());
-    if let Some(expected) = expected {
-        if nix::unistd::getppid().as_raw() != expected {
-            return Err(io::Error::other("the gateway exited before this worker started"));
-        }
-    }
-    Ok(())
-}
+use super::engine::Host;
+use super::protocol_error;
+use crate::wire::{FromWorker, LogLevel, ScriptError, ToWorker, WorkerCodec, DEFAULT_MAX_FRAME_BYTES};
 
 #[derive(Debug)]
-enum Incoming {
+pub(super) enum Incoming {
     Frame(ToWorker),
     TimedOut,
     Closed,
@@ -116,7 +26,7 @@ enum Incoming {
 
 /// The worker's end of the IPC pipe pair, plus frames that arrived while a `Beam.callSync`
 /// waited for its answer.
-struct Pipe {
+pub(super) struct Pipe {
     input: RefCell<File>,
     output: RefCell<File>,
     buffer: RefCell<BytesMut>,
@@ -127,15 +37,15 @@ struct Pipe {
     /// message's `Post` and `Reply` then cost one write(2) and one wake-up of the gateway.
     pending: RefCell<BytesMut>,
     codec: RefCell<WorkerCodec>,
-    backlog: RefCell<VecDeque<ToWorker>>,
+    pub(super) backlog: RefCell<VecDeque<ToWorker>>,
     next_host_call: Cell<u64>,
-    closed: Cell<bool>,
+    pub(super) closed: Cell<bool>,
 }
 
 impl Pipe {
     /// Takes stdin/stdout for frames, unbuffered (std's stdin buffer would hide bytes from
     /// `poll`), and points fd 1 at stderr so a stray print can never corrupt the frame stream.
-    fn from_stdio() -> io::Result<Pipe> {
+    pub(super) fn from_stdio() -> io::Result<Pipe> {
         let input: OwnedFd = io::stdin().as_fd().try_clone_to_owned()?;
         let output: OwnedFd = io::stdout().as_fd().try_clone_to_owned()?;
         nix::unistd::dup2_stdout(io::stderr().as_fd()).map_err(io::Error::from)?;
@@ -152,12 +62,12 @@ impl Pipe {
         })
     }
 
-    fn set_max_frame_bytes(&self, max: usize) {
+    pub(super) fn set_max_frame_bytes(&self, max: usize) {
         *self.codec.borrow_mut() = WorkerCodec::new(max);
     }
 
     /// The next frame, or `TimedOut` once `deadline` passes.
-    fn read(&self, deadline: Option<Instant>) -> io::Result<Incoming> {
+    pub(super) fn read(&self, deadline: Option<Instant>) -> io::Result<Incoming> {
         let mut buffer = self.buffer.borrow_mut();
         loop {
             if let Some(frame) =
@@ -208,7 +118,7 @@ impl Pipe {
     }
 
     /// Writes every queued frame.
-    fn flush(&self) {
+    pub(super) fn flush(&self) {
         let mut pending = self.pending.borrow_mut();
         if pending.is_empty() {
             return;
@@ -221,7 +131,7 @@ impl Pipe {
     }
 
     /// Queues a frame; it goes out at the next flush, at the latest before the worker blocks.
-    fn send(&self, frame: FromWorker) {
+    pub(super) fn send(&self, frame: FromWorker) {
         if let Err(e) = self.codec.borrow_mut().encode(frame, &mut self.pending.borrow_mut()) {
             eprintln!("room-worker {}: cannot encode a frame: {e}", std::process::id());
         }

@@ -1,4 +1,5 @@
-//! Phoenix Channels v2 JSON frames: `[join_ref, ref, topic, event, payload]`.
+//! Phoenix Channels v2 JSON frames: `[join_ref, ref, topic, event, payload]`, and the event
+//! names the gateway speaks.
 
 use axum::extract::ws::Utf8Bytes;
 use serde::Serialize;
@@ -10,6 +11,11 @@ pub const PHX_REPLY: &str = "phx_reply";
 pub const PHX_CLOSE: &str = "phx_close";
 pub const HEARTBEAT: &str = "heartbeat";
 pub const PHOENIX_TOPIC: &str = "phoenix";
+
+/// Pushed to a room's sockets when its runtime ended and its state started over.
+pub const ROOM_RESET: &str = "room_reset";
+/// A room's broadcast (`Beam.call("broadcast", ...)`, or a post on the room's own topic).
+pub const NEW_MESSAGE: &str = "new_message";
 
 /// An inbound frame. The payload stays raw JSON until an event handler needs its fields.
 #[derive(Debug)]

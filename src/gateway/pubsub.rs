@@ -16,38 +16,10 @@ use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
-/// A socket's bounded outbound queue.
-#[derive(Clone, Debug)]
-pub struct Outbox {
-    frames: mpsc::Sender<Utf8Bytes>,
-    overflowed: CancellationToken,
-}
-
-impl Outbox {
-    pub fn new(capacity: usize) -> (Outbox, mpsc::Receiver<Utf8Bytes>) {
-        let (frames, receiver) = mpsc::channel(capacity.max(1));
-        (Outbox { frames, overflowed: CancellationToken::new() }, receiver)
-    }
-
-    /// Queues a frame without waiting. A full queue marks the socket as too slow.
-    pub fn send(&self, frame: Utf8Bytes) -> bool {
-        match self.frames.try_send(frame) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.overflowed.cancel();
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
-    }
-
-    /// Cancelled once a frame could not be queued.
-    pub fn overflowed(&self) -> &CancellationToken {
-        &self.overflowed
-    }
-}
+use crate::gateway::phoenix::Outbox;
+use crate::gateway::rooms::RuntimeId;
+use crate::util::RwLockExt;
 
 /// A BroadcastChannel message on its way to a runtime.
 #[derive(Clone, Debug)]
@@ -65,7 +37,7 @@ pub struct SubscriptionId(u64);
 #[derive(Default)]
 struct Topic {
     sockets: HashMap<SubscriptionId, Outbox>,
-    runtimes: HashMap<u64, RuntimeInbox>,
+    runtimes: HashMap<RuntimeId, RuntimeInbox>,
 }
 
 impl Topic {
@@ -107,8 +79,7 @@ impl PubSub {
     /// Joins this PubSub to a cluster: from now on it reports topics opened and closed and
     /// hands over what is published here. Topics already open are reported at once.
     pub fn attach_cluster(&self, commands: mpsc::UnboundedSender<ClusterCommand>) {
-        let open: Vec<String> =
-            self.topics.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        let open: Vec<String> = self.topics.read_or_recover().keys().cloned().collect();
         for topic in open {
             let _ = commands.send(ClusterCommand::Open(topic));
         }
@@ -149,7 +120,7 @@ impl PubSub {
         });
     }
 
-    pub fn subscribe_runtime(&self, channel: &str, runtime: u64, inbox: RuntimeInbox) {
+    pub fn subscribe_runtime(&self, channel: &str, runtime: RuntimeId, inbox: RuntimeInbox) {
         self.write(|topics| {
             let entry = topics.entry(channel.to_owned()).or_default();
             if entry.is_empty() {
@@ -159,7 +130,7 @@ impl PubSub {
         });
     }
 
-    pub fn unsubscribe_runtime(&self, channel: &str, runtime: u64) {
+    pub fn unsubscribe_runtime(&self, channel: &str, runtime: RuntimeId) {
         self.remove(channel, |t| {
             t.runtimes.remove(&runtime);
         });
@@ -179,26 +150,25 @@ impl PubSub {
 
     /// Delivers a BroadcastChannel post to every runtime with the channel open, in the whole
     /// cluster, except the poster's own. Returns how many runtimes of this node took it.
-    pub fn deliver_to_runtimes(&self, message: &ChannelMessage, except_runtime: u64) -> usize {
+    pub fn deliver_to_runtimes(&self, message: &ChannelMessage, except_runtime: RuntimeId) -> usize {
         self.tell_cluster(ClusterCommand::PublishPost(message.clone()));
-        self.deliver_locally(message, except_runtime)
+        self.deliver_locally(message, Some(except_runtime))
     }
 
     /// A BroadcastChannel post another node published.
     pub fn post_from_cluster(&self, message: &ChannelMessage) -> usize {
-        // Runtime ids start at 1: no local runtime is skipped.
-        self.deliver_locally(message, 0)
+        self.deliver_locally(message, None)
     }
 
-    fn deliver_locally(&self, message: &ChannelMessage, except_runtime: u64) -> usize {
+    fn deliver_locally(&self, message: &ChannelMessage, except_runtime: Option<RuntimeId>) -> usize {
         self.read(&message.channel, |t| {
             t.runtimes
                 .iter()
-                .filter(|(runtime, _)| **runtime != except_runtime)
+                .filter(|(runtime, _)| Some(**runtime) != except_runtime)
                 .filter(|(runtime, inbox)| match inbox.try_send(message.clone()) {
                     Ok(()) => true,
                     Err(e) => {
-                        tracing::warn!(channel = %message.channel, runtime = **runtime, "BroadcastChannel message dropped: {e}");
+                        tracing::warn!(channel = %message.channel, runtime = %runtime, "BroadcastChannel message dropped: {e}");
                         false
                     }
                 })
@@ -211,14 +181,12 @@ impl PubSub {
     }
 
     fn read<T: Default>(&self, topic: &str, f: impl FnOnce(&Topic) -> T) -> T {
-        // A poisoned lock only means another thread panicked mid-update of a HashMap whose
-        // entries are still whole; carrying on beats taking the whole gateway down.
-        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        let topics = self.topics.read_or_recover();
         topics.get(topic).map(f).unwrap_or_default()
     }
 
     fn write(&self, f: impl FnOnce(&mut HashMap<String, Topic>)) {
-        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        let mut topics = self.topics.write_or_recover();
         f(&mut topics)
     }
 
@@ -259,13 +227,19 @@ mod tests {
         let pubsub = PubSub::new();
         let (a, mut a_rx) = mpsc::channel(4);
         let (b, mut b_rx) = mpsc::channel(4);
-        pubsub.subscribe_runtime("chat", 1, a);
-        pubsub.subscribe_runtime("chat", 2, b);
+        let (one, two) = (RuntimeId::new(1), RuntimeId::new(2));
+        pubsub.subscribe_runtime("chat", one, a);
+        pubsub.subscribe_runtime("chat", two, b);
         let message = ChannelMessage { channel: "chat".into(), data: "1".into() };
-        assert_eq!(pubsub.deliver_to_runtimes(&message, 1), 1);
+        assert_eq!(pubsub.deliver_to_runtimes(&message, one), 1);
         assert!(a_rx.try_recv().is_err());
         assert_eq!(b_rx.recv().await.map(|m| m.data), Some("1".into()));
-        pubsub.unsubscribe_runtime("chat", 2);
-        assert_eq!(pubsub.deliver_to_runtimes(&message, 1), 0);
+        pubsub.unsubscribe_runtime("chat", two);
+        assert_eq!(pubsub.deliver_to_runtimes(&message, one), 0);
+        assert_eq!(
+            pubsub.post_from_cluster(&message),
+            1,
+            "a post from another node reaches every runtime here"
+        );
     }
 }

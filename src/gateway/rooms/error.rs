@@ -1,0 +1,122 @@
+//! Why a room could not answer, as one type that every layer speaks: the supervisor, the
+//! room's process, the cluster and the transport. [`RoomError::reason`] is the one place that
+//! turns it into the text clients see.
+
+use std::sync::Arc;
+
+use super::ids::NodeId;
+use crate::wire::{ScriptError, ScriptErrorKind};
+
+#[derive(Debug, Clone)]
+pub enum RoomError {
+    RoomLimit,
+    CrashLooping,
+    Timeout,
+    WorkerExited,
+    /// The script threw, or its start-up failed; carries the script's error.
+    Script(ScriptError),
+    /// The gateway is shutting down and starts no more rooms.
+    ShuttingDown,
+    /// The room script could not be read.
+    ScriptUnreadable(Arc<std::io::Error>),
+    /// The room-worker executable could not be found.
+    WorkerNotFound(Arc<std::io::Error>),
+    /// The worker process could not be started.
+    SpawnFailed(Arc<std::io::Error>),
+    /// Where the room runs could not be settled (in a cluster).
+    Placement(PlacementError),
+    /// In a cluster: another node holds the room's lease.
+    OwnedElsewhere,
+}
+
+/// Why the cluster could not say where a room runs, or reach it there.
+#[derive(Debug, Clone)]
+pub enum PlacementError {
+    /// Not connected to the cluster, or its lease store is not open yet.
+    NotReady,
+    /// The cluster failed to answer; carries the cause.
+    Failed(Arc<dyn std::error::Error + Send + Sync>),
+    /// The node that runs the room is gone.
+    NodeGone(NodeId),
+    /// The room's lease moved on every time it was looked up.
+    Contended,
+    /// The node that runs the room could not reach it, for the reason it gave.
+    Remote(String),
+}
+
+impl RoomError {
+    /// What clients are told. Script errors pass through as the script wrote them; the
+    /// gateway's own refusals are short fixed phrases.
+    pub fn reason(&self) -> String {
+        match self {
+            RoomError::RoomLimit => "room limit reached".to_owned(),
+            RoomError::CrashLooping => "room is crash-looping".to_owned(),
+            RoomError::Timeout => "timeout".to_owned(),
+            RoomError::WorkerExited => "room worker exited".to_owned(),
+            RoomError::Script(e) if e.kind == ScriptErrorKind::Timeout => "timeout".to_owned(),
+            RoomError::Script(e) => e.message.clone(),
+            RoomError::ShuttingDown => "room unavailable: the gateway is shutting down".to_owned(),
+            RoomError::ScriptUnreadable(e) => format!("room unavailable: {e}"),
+            RoomError::WorkerNotFound(e) => {
+                format!("room unavailable: cannot find the room-worker executable: {e}")
+            }
+            RoomError::SpawnFailed(e) => format!("room unavailable: cannot start a room worker: {e}"),
+            RoomError::Placement(PlacementError::Remote(reason)) => reason.clone(),
+            RoomError::Placement(e) => format!("room unavailable: {e}"),
+            RoomError::OwnedElsewhere => "room is owned by another node".to_owned(),
+        }
+    }
+
+    /// Whether a failed start counts towards the crash-loop guard: only when the room's own
+    /// worker or script failed, not when the gateway or the cluster could not try.
+    pub fn is_room_failure(&self) -> bool {
+        matches!(self, RoomError::Script(_) | RoomError::WorkerExited | RoomError::Timeout)
+    }
+}
+
+impl std::fmt::Display for RoomError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason())
+    }
+}
+
+impl std::error::Error for RoomError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RoomError::ScriptUnreadable(e) | RoomError::WorkerNotFound(e) | RoomError::SpawnFailed(e) => {
+                Some(&**e)
+            }
+            RoomError::Placement(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<PlacementError> for RoomError {
+    fn from(error: PlacementError) -> Self {
+        RoomError::Placement(error)
+    }
+}
+
+impl std::fmt::Display for PlacementError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PlacementError::NotReady => f.write_str("not connected to the cluster"),
+            PlacementError::Failed(e) => write!(f, "cluster error: {e}"),
+            PlacementError::NodeGone(node) => {
+                write!(f, "its node {node} is gone; the room starts again once its lease runs out")
+            }
+            PlacementError::Contended => f.write_str("the room's lease keeps changing hands; try again"),
+            PlacementError::Remote(reason) => f.write_str(reason),
+        }
+    }
+}
+
+impl std::error::Error for PlacementError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            PlacementError::Failed(e) => Some(&**e),
+            _ => None,
+        }
+    }
+}

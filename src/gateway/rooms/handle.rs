@@ -1,0 +1,158 @@
+//! What the rest of the gateway holds on a live room: a cheap, cloneable [`RoomHandle`] that
+//! queues calls for the room's actor, and the report the actor files when its runtime ends.
+
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+use super::error::RoomError;
+use super::ids::{RoomId, RuntimeId};
+use crate::util::epoch_ms;
+
+/// Calls queued for one room before callers wait for room in the queue.
+const COMMAND_QUEUE: usize = 1024;
+
+/// How a worker ended.
+#[derive(Debug, Clone)]
+pub enum ExitReason {
+    /// The gateway asked it to stop (shutdown); not a crash.
+    Requested,
+    /// It exited or was killed from outside (e.g. `kill <pid>`).
+    Exited(ExitStatus),
+    ProtocolViolation(String),
+    /// A call stayed unanswered past the hard limit, or start-up never finished.
+    Unresponsive,
+    /// Killed by the gateway for a reason of its own (start-up timeout, shutdown grace over).
+    Killed(&'static str),
+}
+
+impl ExitReason {
+    pub fn is_crash(&self) -> bool {
+        !matches!(self, ExitReason::Requested)
+    }
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::Requested => f.write_str("shut down on request"),
+            ExitReason::Exited(status) => write!(f, "exited unexpectedly ({status})"),
+            ExitReason::ProtocolViolation(why) => write!(f, "protocol violation: {why}"),
+            ExitReason::Unresponsive => f.write_str("unresponsive past the hard timeout"),
+            ExitReason::Killed(why) => write!(f, "killed: {why}"),
+        }
+    }
+}
+
+/// What the actor reports once its worker is gone and reaped.
+#[derive(Debug)]
+pub struct ExitReport {
+    pub room: RoomId,
+    pub runtime: RuntimeId,
+    pub pid: u32,
+    pub reason: ExitReason,
+    /// Whether the runtime ever became ready: only then was there state to lose, and only
+    /// then is its end counted here (a failed start is counted when it fails).
+    pub was_ready: bool,
+}
+
+/// What a handle asks of the room's actor.
+pub(crate) enum Request {
+    Call { function: String, args: String, reply: oneshot::Sender<Result<String, RoomError>> },
+    Shutdown,
+}
+
+/// A cheap handle on a live room.
+#[derive(Clone, Debug)]
+pub struct RoomHandle {
+    pub room: RoomId,
+    pub runtime: RuntimeId,
+    pub pid: u32,
+    pub started_at_ms: u64,
+    commands: mpsc::Sender<Request>,
+    kill: CancellationToken,
+    calls: Arc<AtomicU64>,
+    /// When a caller last asked for this room (ms since the epoch): the least recently used
+    /// idle room is the one evicted when the room limit is reached.
+    last_used_ms: Arc<AtomicU64>,
+    call_timeout: Duration,
+}
+
+impl RoomHandle {
+    /// Calls a top-level function of the room script. `args_json` is a JSON array; the
+    /// result is JSON. Calls run one at a time, in the order they were made.
+    pub async fn call(&self, function: &str, args_json: String) -> Result<String, RoomError> {
+        self.last_used_ms.store(epoch_ms(), Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        let command = Request::Call { function: function.to_owned(), args: args_json, reply };
+        let exchange = async {
+            self.commands.send(command).await.map_err(|_| RoomError::WorkerExited)?;
+            answer.await.map_err(|_| RoomError::WorkerExited)?
+        };
+        timeout(self.call_timeout, exchange).await.unwrap_or(Err(RoomError::Timeout))
+    }
+
+    /// Asks the worker to finish; it exits once it has drained what it was sent.
+    pub async fn shutdown(&self) {
+        let _ = self.commands.send(Request::Shutdown).await;
+    }
+
+    pub fn kill(&self) {
+        self.kill.cancel();
+    }
+
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    pub fn last_used_ms(&self) -> u64 {
+        self.last_used_ms.load(Ordering::Relaxed)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.commands.is_closed()
+    }
+}
+
+/// Resolves once the runtime is ready or has failed to start.
+pub type ReadySignal = oneshot::Receiver<Result<(), RoomError>>;
+
+/// The actor's side of a new handle: the queue it serves, the signal to kill the worker now,
+/// and the call counter it keeps for `/api/rooms`.
+pub(crate) struct HandleEnds {
+    pub commands: mpsc::Receiver<Request>,
+    pub kill: CancellationToken,
+    pub calls: Arc<AtomicU64>,
+}
+
+impl RoomHandle {
+    /// A handle on a runtime that is starting now, and the ends its actor keeps.
+    pub(crate) fn new(
+        room: RoomId,
+        runtime: RuntimeId,
+        pid: u32,
+        call_timeout: Duration,
+    ) -> (RoomHandle, HandleEnds) {
+        let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
+        let kill = CancellationToken::new();
+        let calls = Arc::new(AtomicU64::new(0));
+        let started_at_ms = epoch_ms();
+        let handle = RoomHandle {
+            room,
+            runtime,
+            pid,
+            started_at_ms,
+            commands: commands_tx,
+            kill: kill.clone(),
+            calls: calls.clone(),
+            last_used_ms: Arc::new(AtomicU64::new(started_at_ms)),
+            call_timeout,
+        };
+        (handle, HandleEnds { commands, kill, calls })
+    }
+}

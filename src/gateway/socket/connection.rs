@@ -1,0 +1,253 @@
+//! The connection task: reads frames, answers heartbeats, routes each frame to its channel's
+//! task, enforces the rate limit and the malformed-frame budget, and decides the close code.
+
+use std::collections::HashMap;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::SplitStream;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::channel::{Channel, ChannelEnded, Subscription};
+use super::SocketContext;
+use crate::gateway::phoenix::{self, Closing, Frame, Outbox, Reply, TokenBucket};
+use crate::gateway::rooms::{RoomId, TOPIC_PREFIX};
+
+/// Malformed frames tolerated before the socket is closed as broken.
+const MAX_MALFORMED_FRAMES: u32 = 10;
+/// Frames waiting for one channel's task; past it the client is told the channel is busy.
+const CHANNEL_INBOX: usize = 64;
+
+pub mod close_code {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+}
+
+pub(super) fn closing(code: u16, reason: &'static str) -> Closing {
+    Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) })
+}
+
+struct JoinedChannel {
+    id: u64,
+    join_ref: Option<String>,
+    /// Boxed: tokio allocates a channel's first block of 32 slots up front, and 32 unboxed
+    /// frames would add ~3.5 KiB to every joined channel, idle or not.
+    inbox: mpsc::Sender<Box<Frame>>,
+    _subscription: Subscription,
+}
+
+pub(super) struct Connection {
+    ctx: SocketContext,
+    outbox: Outbox,
+    channels: HashMap<String, JoinedChannel>,
+    next_channel_id: u64,
+    ended_tx: mpsc::Sender<ChannelEnded>,
+    rate: TokenBucket,
+    /// Frames refused by the rate limit since the last one let through.
+    rate_limited: u64,
+    malformed: u32,
+}
+
+impl Connection {
+    pub(super) fn new(
+        ctx: SocketContext,
+        outbox: Outbox,
+        rate: TokenBucket,
+        ended_tx: mpsc::Sender<ChannelEnded>,
+    ) -> Connection {
+        Connection {
+            ctx,
+            outbox,
+            channels: HashMap::new(),
+            next_channel_id: 0,
+            ended_tx,
+            rate,
+            rate_limited: 0,
+            malformed: 0,
+        }
+    }
+
+    pub(super) async fn run(
+        &mut self,
+        stream: &mut SplitStream<WebSocket>,
+        mut ended: mpsc::Receiver<ChannelEnded>,
+    ) -> Closing {
+        let idle_timeout = self.ctx.config.idle_timeout();
+        let mut idle_deadline = Instant::now() + idle_timeout;
+        let overflowed = self.outbox.overflowed().clone();
+        let shutdown = self.ctx.shutdown.clone();
+        loop {
+            tokio::select! {
+                () = shutdown.wait() => return closing(close_code::GOING_AWAY, "server shutting down"),
+                () = overflowed.cancelled() => {
+                    tracing::info!("disconnecting a client that does not keep up with its messages");
+                    return closing(close_code::POLICY, "outbound queue full");
+                }
+                () = tokio::time::sleep_until(idle_deadline) => {
+                    return closing(close_code::NORMAL, "idle timeout");
+                }
+                Some(ChannelEnded { topic, id }) = ended.recv() => {
+                    if self.channels.get(&topic).is_some_and(|c| c.id == id) {
+                        self.channels.remove(&topic);
+                    }
+                }
+                message = stream.next() => {
+                    idle_deadline = Instant::now() + idle_timeout;
+                    match message {
+                        Some(Ok(Message::Text(text))) => {
+                            if let Some(close) = self.on_text(text.as_str()) {
+                                return close;
+                            }
+                        }
+                        Some(Ok(Message::Binary(bytes))) => {
+                            if let Some(close) = self.on_binary(&bytes) {
+                                return close;
+                            }
+                        }
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(Message::Close(_))) | None => return None,
+                        Some(Err(e)) => return on_read_error(e),
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_text(&mut self, text: &str) -> Option<Closing> {
+        let frame = match Frame::parse(text) {
+            Ok(frame) => frame,
+            Err(e) => return self.on_malformed(&e.to_string()),
+        };
+        if !self.rate.take() {
+            // Logged once per run of refusals: enough to see who floods, without flooding the log.
+            if self.rate_limited == 0 {
+                tracing::info!("rate limiting a socket past {}/s", self.ctx.config.rate_per_sec);
+            }
+            self.rate_limited += 1;
+            self.outbox.send(frame.reply_error("rate limited"));
+            return None;
+        }
+        if self.rate_limited > 0 {
+            tracing::debug!(refused = self.rate_limited, "a socket is back under its rate limit");
+            self.rate_limited = 0;
+        }
+        if frame.topic == phoenix::PHOENIX_TOPIC && frame.event == phoenix::HEARTBEAT {
+            self.outbox.send(frame.reply(&Reply::ok_empty()));
+        } else if frame.event == phoenix::PHX_JOIN {
+            self.join(frame);
+        } else {
+            self.route(frame);
+        }
+        None
+    }
+
+    /// Rooms speak JSON only; a well-formed binary push is refused with a reply (so the
+    /// client is not left waiting), anything else binary counts as malformed.
+    fn on_binary(&mut self, bytes: &[u8]) -> Option<Closing> {
+        let frame = match Frame::parse_binary_push(bytes) {
+            Ok(frame) => frame,
+            Err(e) => return self.on_malformed(&e.to_string()),
+        };
+        tracing::debug!(topic = %frame.topic, event = %frame.event, "refused a binary push");
+        if self.rate.take() {
+            self.outbox.send(frame.reply_error("binary payloads are not supported"));
+        } else {
+            self.outbox.send(frame.reply_error("rate limited"));
+        }
+        None
+    }
+
+    fn on_malformed(&mut self, why: &str) -> Option<Closing> {
+        self.malformed += 1;
+        tracing::warn!(count = self.malformed, "dropped a frame: {why}");
+        (self.malformed > MAX_MALFORMED_FRAMES)
+            .then(|| closing(close_code::POLICY, "too many malformed frames"))
+    }
+
+    fn join(&mut self, frame: Frame) {
+        if !frame.topic.starts_with(TOPIC_PREFIX) {
+            self.outbox.send(frame.reply_error("unmatched topic"));
+            return;
+        }
+        let Ok(room) = RoomId::from_topic(&frame.topic) else {
+            self.outbox.send(frame.reply_error("invalid room id"));
+            return;
+        };
+        // A second join of a joined topic replaces the first, as in Phoenix.
+        if let Some(old) = self.channels.remove(&frame.topic) {
+            self.outbox.send(phoenix::close(old.join_ref.as_deref(), &frame.topic));
+        }
+        if self.channels.len() >= self.ctx.config.max_channels_per_socket {
+            self.outbox.send(frame.reply_error("too many channels on this socket"));
+            return;
+        }
+        let id = self.next_channel_id;
+        self.next_channel_id += 1;
+        let (inbox, frames) = mpsc::channel(CHANNEL_INBOX);
+        let topic = frame.topic.clone();
+        // Subscribed before the history is read: a message sent meanwhile may then arrive
+        // twice (clients dedupe by id) but is never missed.
+        let pubsub = self.ctx.supervisor.pubsub().clone();
+        let subscription_id = pubsub.subscribe_socket(&topic, self.outbox.clone());
+        let subscription = Subscription { pubsub, topic: topic.clone(), id: subscription_id };
+        let joined =
+            JoinedChannel { id, join_ref: frame.join_ref.clone(), inbox, _subscription: subscription };
+        self.channels.insert(topic.clone(), joined);
+        let channel = Channel {
+            ctx: self.ctx.clone(),
+            outbox: self.outbox.clone(),
+            room,
+            topic,
+            join_ref: frame.join_ref.clone(),
+            subscription_id,
+        };
+        let ended = self.ended_tx.clone();
+        tokio::spawn(async move {
+            let topic = channel.topic.clone();
+            channel.run(frame, frames).await;
+            let _ = ended.send(ChannelEnded { topic, id }).await;
+        });
+    }
+
+    fn route(&mut self, frame: Frame) {
+        let Some(channel) = self.channels.get(&frame.topic) else {
+            // Leaving what is already gone succeeds, as in Phoenix: a client whose channel
+            // the server closed must not wait out its push timeout to finish leaving.
+            if frame.event == phoenix::PHX_LEAVE {
+                self.outbox.send(frame.reply(&Reply::ok_empty()));
+            } else {
+                self.outbox.send(frame.reply_error("unmatched topic"));
+            }
+            return;
+        };
+        if frame.join_ref.is_some() && frame.join_ref != channel.join_ref {
+            self.outbox.send(frame.reply_error("unmatched topic"));
+            return;
+        }
+        if let Err(e) = channel.inbox.try_send(Box::new(frame)) {
+            let (frame, reason) = match e {
+                mpsc::error::TrySendError::Full(frame) => (frame, "channel busy"),
+                mpsc::error::TrySendError::Closed(frame) => (frame, "unmatched topic"),
+            };
+            self.outbox.send(frame.reply_error(reason));
+        }
+    }
+}
+
+fn on_read_error(error: axum::Error) -> Closing {
+    use tokio_tungstenite::tungstenite::error::{CapacityError, Error};
+    let inner = error.into_inner();
+    match inner.downcast_ref::<Error>() {
+        Some(Error::Capacity(CapacityError::MessageTooLong { size, max_size })) => {
+            tracing::warn!("closing a socket that sent a {size}-byte message (limit {max_size})");
+            closing(close_code::TOO_BIG, "message too big")
+        }
+        _ => {
+            tracing::debug!("socket read failed: {inner}");
+            None
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! One WebSocket connection speaking Phoenix Channels v2.
+//!
+//! Like Phoenix, each joined topic is a channel with its own task ([`channel`]): it handles
+//! its frames one at a time and in order, so a slow room never holds up heartbeats or other
+//! channels. The connection task ([`connection`]) reads frames and routes them; a separate
+//! writer task drains the outbound queue.
+
+mod channel;
+mod connection;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::gateway::chat::Chat;
+use crate::gateway::config::Config;
+use crate::gateway::phoenix::{write_frames, Outbox, TokenBucket};
+use crate::gateway::rooms::Supervisor;
+use crate::gateway::shutdown::Shutdown;
+use connection::Connection;
+
+/// How long the writer gets to flush a close frame before the connection is dropped.
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+
+/// What a connection needs from the gateway.
+#[derive(Clone)]
+pub struct SocketContext {
+    pub supervisor: Supervisor,
+    pub config: Arc<Config>,
+    pub chat: Chat,
+    pub shutdown: Shutdown,
+}
+
+/// Serves one upgraded connection until either side closes it.
+pub async fn serve(socket: WebSocket, ctx: SocketContext) {
+    let (sink, stream) = socket.split();
+    let (outbox, outbound) = Outbox::new(ctx.config.outbound_queue);
+    let (close_tx, close_rx) = oneshot::channel();
+    let writer = tokio::spawn(write_frames(sink, outbound, close_rx));
+    let (ended_tx, ended_rx) = mpsc::channel(16);
+    let rate = TokenBucket::new(ctx.config.rate_per_sec, ctx.config.rate_burst);
+    let mut connection = Connection::new(ctx, outbox, rate, ended_tx);
+    let mut stream = stream;
+    let close = connection.run(&mut stream, ended_rx).await;
+    let server_closing = close.is_some();
+    // Hand the writer its close frame before the outbound queue closes (dropping the
+    // connection drops its senders): a writer that saw the queue end first would close
+    // without our code.
+    let _ = close_tx.send(close);
+    drop(connection);
+    if server_closing {
+        // The closing handshake: read (and drop) what the client still sends until its Close
+        // arrives. Dropping the TCP connection with unread input would make the kernel send a
+        // reset, and the client would never see our close code.
+        let _ = tokio::time::timeout(CLOSE_FLUSH, async {
+            while let Some(Ok(message)) = stream.next().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    let mut writer = writer;
+    if tokio::time::timeout(CLOSE_FLUSH, &mut writer).await.is_err() {
+        writer.abort();
+    }
+}

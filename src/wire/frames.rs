@@ -1,0 +1,106 @@
+//! The frames that cross a worker's stdin/stdout, in both directions. JSON payloads travel
+//! as strings because bincode cannot encode `serde_json::Value`.
+
+use serde::{Deserialize, Serialize};
+
+/// Limits the gateway hands to each new runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeLimits {
+    pub heap_bytes: u64,
+    pub cpu_ms_per_call: u64,
+    pub max_frame_bytes: u64,
+}
+
+/// Frames the gateway sends to a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// Always the first frame: which room this runtime is and what it runs.
+    Start {
+        room_id: String,
+        script_name: String,
+        script: String,
+        limits: RuntimeLimits,
+    },
+    /// Invoke a top-level script function; `args` is a JSON array.
+    Call {
+        id: u64,
+        function: String,
+        args: String,
+    },
+    /// The answer to a worker's `HostCall`; `Ok` holds JSON.
+    HostReply {
+        id: u64,
+        result: Result<String, String>,
+    },
+    /// A BroadcastChannel message posted by another runtime; `data` is JSON.
+    Deliver {
+        channel: String,
+        data: String,
+    },
+    Shutdown,
+}
+
+/// Frames a worker sends to the gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FromWorker {
+    Ready,
+    StartFailed(ScriptError),
+    /// The outcome of a `Call`; `Ok` holds JSON.
+    Reply {
+        id: u64,
+        result: Result<String, ScriptError>,
+    },
+    /// `Beam.call` / `Beam.callSync` from the script; `args` is a JSON array.
+    HostCall {
+        id: u64,
+        name: String,
+        args: String,
+    },
+    /// `BroadcastChannel.postMessage`; `data` is JSON.
+    Post {
+        channel: String,
+        data: String,
+    },
+    /// The runtime opened its first / closed its last BroadcastChannel of this name.
+    Subscribe {
+        channel: String,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+    Log {
+        level: LogLevel,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScriptError {
+    pub kind: ScriptErrorKind,
+    pub message: String,
+    pub stack: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ScriptErrorKind {
+    /// The script threw (or a named function does not exist).
+    Exception,
+    /// The call ran past its CPU budget and was interrupted.
+    Timeout,
+    /// The runtime hit its heap limit.
+    OutOfMemory,
+}
+
+impl ScriptError {
+    pub fn exception(message: impl Into<String>) -> Self {
+        ScriptError { kind: ScriptErrorKind::Exception, message: message.into(), stack: None }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}

@@ -1,0 +1,67 @@
+//! The natives the prelude builds the script API on: each forwards to the [`Host`].
+
+use std::rc::Rc;
+
+use rquickjs::{Ctx, Function, Object};
+
+use super::errors::classify_message;
+use super::Host;
+use crate::wire::{LogLevel, ScriptError};
+
+/// The natives the prelude builds the script API on. They are passed to the prelude, never
+/// installed as globals.
+pub(super) fn natives<'js>(ctx: &Ctx<'js>, host: Rc<dyn Host>) -> rquickjs::Result<Object<'js>> {
+    let natives = Object::new(ctx.clone())?;
+
+    let h = host.clone();
+    natives.set(
+        "hostCallSync",
+        Function::new(ctx.clone(), move |ctx: Ctx<'js>, name: String, args: String| {
+            h.host_call_sync(&name, &args)
+                .map_err(|message| rquickjs::Exception::throw_message(&ctx, &message))
+        })?,
+    )?;
+    let h = host.clone();
+    natives.set(
+        "hostCallAsync",
+        Function::new(ctx.clone(), move |name: String, args: String| h.host_call_async(&name, &args) as f64)?,
+    )?;
+    let h = host.clone();
+    natives.set(
+        "post",
+        Function::new(ctx.clone(), move |channel: String, data: String| h.post(&channel, &data))?,
+    )?;
+    let h = host.clone();
+    natives.set("subscribe", Function::new(ctx.clone(), move |channel: String| h.subscribe(&channel))?)?;
+    let h = host.clone();
+    natives
+        .set("unsubscribe", Function::new(ctx.clone(), move |channel: String| h.unsubscribe(&channel))?)?;
+    let h = host.clone();
+    natives.set(
+        "log",
+        Function::new(ctx.clone(), move |level: String, message: String| {
+            let level = match level.as_str() {
+                "debug" => LogLevel::Debug,
+                "warn" => LogLevel::Warn,
+                "error" => LogLevel::Error,
+                _ => LogLevel::Info,
+            };
+            h.log(level, &message)
+        })?,
+    )?;
+    let h = host.clone();
+    natives.set(
+        "replyOk",
+        Function::new(ctx.clone(), move |id: f64, json: String| h.reply(id as u64, Ok(json)))?,
+    )?;
+    let h = host;
+    natives.set(
+        "replyError",
+        Function::new(ctx.clone(), move |id: f64, message: String, stack: String| {
+            let kind = classify_message(&message);
+            let stack = (!stack.is_empty()).then_some(stack);
+            h.reply(id as u64, Err(ScriptError { kind, message, stack }))
+        })?,
+    )?;
+    Ok(natives)
+}

@@ -1,0 +1,89 @@
+//! The room-worker process: one room's runtime, driven by frames on stdin.
+//!
+//! Single-threaded on purpose: a runtime is an actor, so a second thread or an async runtime
+//! would only cost memory. The event loop is `poll(2)` on stdin with the next timer as its
+//! timeout.
+
+mod engine;
+mod pipe;
+
+use std::io;
+use std::process::ExitCode;
+use std::rc::Rc;
+use std::time::Instant;
+
+use engine::Engine;
+use pipe::{Incoming, Pipe};
+
+use crate::wire::{FromWorker, ToWorker, DEFAULT_MAX_FRAME_BYTES, PARENT_PID_ENV};
+
+pub fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("room-worker {}: {e}", std::process::id());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> io::Result<()> {
+    die_with_gateway()?;
+    let io = Rc::new(Pipe::from_stdio()?);
+
+    let (room_id, script_name, script, limits) = match io.read(None)? {
+        Incoming::Frame(ToWorker::Start { room_id, script_name, script, limits }) => {
+            (room_id, script_name, script, limits)
+        }
+        Incoming::Closed => return Ok(()),
+        other => return Err(protocol_error(format!("expected Start, got {other:?}"))),
+    };
+    io.set_max_frame_bytes(usize::try_from(limits.max_frame_bytes).unwrap_or(DEFAULT_MAX_FRAME_BYTES));
+
+    let engine = match Engine::start(&room_id, &script_name, &script, &limits, io.clone()) {
+        Ok(engine) => engine,
+        Err(error) => {
+            io.send(FromWorker::StartFailed(error));
+            return Ok(());
+        }
+    };
+    io.send(FromWorker::Ready);
+
+    while !io.closed.get() {
+        let timer_due = engine.next_timer_at();
+        let incoming = match io.backlog.borrow_mut().pop_front() {
+            Some(frame) => Incoming::Frame(frame),
+            None => io.read(timer_due)?,
+        };
+        match incoming {
+            Incoming::Frame(ToWorker::Call { id, function, args }) => engine.call(id, &function, &args),
+            Incoming::Frame(ToWorker::HostReply { id, result }) => engine.settle_host_call(id, result),
+            Incoming::Frame(ToWorker::Deliver { channel, data }) => engine.deliver(&channel, &data),
+            Incoming::Frame(ToWorker::Shutdown) | Incoming::Closed => break,
+            Incoming::Frame(ToWorker::Start { .. }) => {
+                return Err(protocol_error("a second Start frame".to_owned()))
+            }
+            Incoming::TimedOut => {}
+        }
+        if timer_due.is_some_and(|due| due <= Instant::now()) {
+            engine.run_due_timers();
+        }
+    }
+    Ok(())
+}
+
+fn protocol_error(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+/// `PR_SET_PDEATHSIG` kills this process when the gateway dies, even by `kill -9`.
+fn die_with_gateway() -> io::Result<()> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(io::Error::from)?;
+    let expected = std::env::var(PARENT_PID_ENV).ok().and_then(|p| p.parse::<i32>().ok());
+    if let Some(expected) = expected {
+        if nix::unistd::getppid().as_raw() != expected {
+            return Err(io::Error::other("the gateway exited before this worker started"));
+        }
+    }
+    Ok(())
+}
