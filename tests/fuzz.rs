@@ -1,8 +1,9 @@
 //! Seeded fuzzing of the Phoenix v2 socket: thousands of random and mutated frames against one
-//! gateway (design §2 and §6). The seed is printed; `FUZZ_SEED=<n>` replays the same inputs
-//! (what the gateway answers in a pipelined burst may interleave differently), `FUZZ_FRAMES=<n>`
-//! changes the length and `FUZZ_BURST_PERCENT=<n>` how often frames go out in a pipelined burst
-//! of 2 to 12 instead of one at a time (default 6; 0 to rule pipelining out of a failure).
+//! gateway (the design's wire protocol and limits contracts, sections 2 and 6). The seed is
+//! printed; `FUZZ_SEED=<n>` replays the same inputs (what the gateway answers in a pipelined
+//! burst may interleave differently), `FUZZ_FRAMES=<n>` changes the length and
+//! `FUZZ_BURST_PERCENT=<n>` how often frames go out in a pipelined burst of 2 to 12 instead of
+//! one at a time (default 6; 0 to rule pipelining out of a failure).
 //!
 //! Every frame is judged against a model of what the gateway must do with it: a frame that is
 //! not a 5-element array of the right types is dropped without a reply (and the eleventh such

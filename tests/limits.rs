@@ -1,4 +1,5 @@
-//! The limits of design §6 that the README promises, each over a real socket.
+//! The limits (design section 6, "Limits and bad input") that the README promises, each over a
+//! real socket.
 
 mod common;
 

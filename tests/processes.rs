@@ -31,7 +31,11 @@ async fn sigterm_closes_sockets_with_1001_stops_workers_and_exits_0() {
     let (mut client, pids) = two_rooms(&gateway).await;
     gateway.signal(Signal::SIGTERM);
     assert_eq!(client.closed().await, Some(1001));
-    assert_eq!(gateway.wait_exit(Duration::from_secs(5)), Some(0), "design §4: exit 0 within 5 s");
+    assert_eq!(
+        gateway.wait_exit(Duration::from_secs(5)),
+        Some(0),
+        "supervision contract (design section 4): exit 0 within 5 s"
+    );
     assert_all_gone(&pids, Duration::from_secs(1));
     assert!(gateway.log_contains("shut down on request"), "workers were asked, not killed");
     assert!(gateway.log_lacks_after_exit("worker stderr"), "a clean shutdown prints no worker errors");
@@ -42,7 +46,11 @@ async fn sigint_is_a_graceful_shutdown_too() {
     let mut gateway = Gateway::start(&[]);
     let (_client, pids) = two_rooms(&gateway).await;
     gateway.signal(Signal::SIGINT);
-    assert_eq!(gateway.wait_exit(Duration::from_secs(5)), Some(0), "design §4: exit 0 within 5 s");
+    assert_eq!(
+        gateway.wait_exit(Duration::from_secs(5)),
+        Some(0),
+        "supervision contract (design section 4): exit 0 within 5 s"
+    );
     assert_all_gone(&pids, Duration::from_secs(1));
 }
 

@@ -1,4 +1,5 @@
-//! The room script API (design §5) as scripts use it, through a real gateway and real workers.
+//! The room script API (design section 5) as scripts use it, through a real gateway and real
+//! workers.
 
 mod common;
 

@@ -1,7 +1,8 @@
-//! Workers that break the IPC contract (design §3): garbage on stdout, a frame over the IPC
-//! limit, a reply to a call never made, an exit at start-up. Each such worker is a shell script
-//! standing in for `room-worker` for one start; every other start runs the real worker, so the
-//! tests also show that nothing else is affected and that the room comes back.
+//! Workers that break the IPC contract (the design's gateway-worker IPC, section 3): garbage on
+//! stdout, a frame over the IPC limit, a reply to a call never made, an exit at start-up. Each
+//! such worker is a shell script standing in for `room-worker` for one start; every other start
+//! runs the real worker, so the tests also show that nothing else is affected and that the room
+//! comes back.
 
 mod common;
 

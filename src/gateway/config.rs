@@ -1,4 +1,5 @@
-//! Gateway configuration: every limit of design §6 is a flag with an environment variable.
+//! Gateway configuration: every limit of the design's "Limits and bad input" contract (section
+//! 6 of design.md) is a flag with an environment variable.
 
 use std::net::IpAddr;
 use std::path::PathBuf;

@@ -6,6 +6,7 @@ pub mod chat;
 pub(crate) mod cluster;
 pub mod config;
 mod http;
+pub mod ids;
 pub mod phoenix;
 pub mod pubsub;
 pub mod rooms;

@@ -17,8 +17,8 @@ use std::time::Duration;
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::gateway::ids::RuntimeId;
 use crate::gateway::phoenix::Outbox;
-use crate::gateway::rooms::RuntimeId;
 use crate::util::RwLockExt;
 
 /// A BroadcastChannel message on its way to a runtime.

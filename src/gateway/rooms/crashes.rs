@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::ids::RoomId;
+use crate::gateway::ids::RoomId;
 
 pub(crate) struct CrashGuard {
     limit: usize,

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::ids::NodeId;
+use crate::gateway::ids::NodeId;
 use crate::wire::{ScriptError, ScriptErrorKind};
 
 #[derive(Debug, Clone)]

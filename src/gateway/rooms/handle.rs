@@ -11,7 +11,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use super::error::RoomError;
-use super::ids::{RoomId, RuntimeId};
+use crate::gateway::ids::{RoomId, RuntimeId};
 use crate::util::epoch_ms;
 
 /// Calls queued for one room before callers wait for room in the queue.

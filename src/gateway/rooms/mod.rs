@@ -1,18 +1,20 @@
-//! Rooms on the gateway's side: their names, the supervisor that starts each room once and
-//! reaps it, the actor that owns a room's worker process, and the seam a cluster plugs into.
+//! Rooms on the gateway's side: the supervisor that starts each room once and reaps it, the
+//! actor that owns a room's worker process, what goes wrong with them, and the seam a cluster
+//! plugs into. (Room, runtime and node ids live in `gateway::ids`, below the PubSub.)
 
+mod calls;
 mod crashes;
 mod error;
 mod handle;
-mod ids;
+mod launcher;
 mod placement;
 mod process;
 mod supervisor;
 #[cfg(test)]
 mod tests;
 
+pub use crate::gateway::ids::{InvalidRoomId, NodeId, RoomId, RuntimeId, TOPIC_PREFIX};
 pub use error::{PlacementError, RoomError};
 pub use handle::{ExitReason, ExitReport, RoomHandle};
-pub use ids::{InvalidRoomId, NodeId, RoomId, RuntimeId, TOPIC_PREFIX};
 pub use placement::{BoxFuture, Claim, Holder, Placement, RemoteCallError};
 pub use supervisor::{announce_reset, RoomInfo, Supervisor};

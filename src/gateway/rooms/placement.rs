@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use super::error::{PlacementError, RoomError};
-use super::ids::{NodeId, RoomId, RuntimeId};
+use crate::gateway::ids::{NodeId, RoomId, RuntimeId};
 
 /// Boxed so the trait can be used as `dyn Placement`; the cost is one allocation per room
 /// start or remote call, not per message of a local room.

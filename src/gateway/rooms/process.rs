@@ -24,9 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::RoomError;
 use super::handle::{ExitReason, ExitReport, HandleEnds, ReadySignal, Request, RoomHandle};
-use super::ids::{RoomId, RuntimeId};
-use super::supervisor::{Launched, Launcher};
-use crate::gateway::config::Config;
+use crate::gateway::ids::{RoomId, RuntimeId};
 use crate::gateway::phoenix::{self, NEW_MESSAGE};
 use crate::gateway::pubsub::{ChannelMessage, PubSub};
 use crate::wire::{FromWorker, GatewayCodec, LogLevel, RuntimeLimits, ToWorker, PARENT_PID_ENV};
@@ -47,38 +45,6 @@ pub struct RoomSpec {
     pub limits: RuntimeLimits,
     pub call_timeout: Duration,
     pub hard_timeout: Duration,
-}
-
-/// Starts rooms as worker processes, from the gateway's configuration.
-pub(crate) struct ProcessLauncher {
-    pub config: Arc<Config>,
-    pub pubsub: Arc<PubSub>,
-}
-
-impl Launcher for ProcessLauncher {
-    fn launch(&self, room: &RoomId, runtime: RuntimeId) -> Result<Launched, RoomError> {
-        let config = &self.config;
-        let (script_name, script) =
-            config.load_room_script().map_err(|e| RoomError::ScriptUnreadable(Arc::new(e)))?;
-        let (worker_path, worker_argv0) =
-            config.worker_command().map_err(|e| RoomError::WorkerNotFound(Arc::new(e)))?;
-        let spec = RoomSpec {
-            room: room.clone(),
-            runtime,
-            worker_path,
-            worker_argv0,
-            script_name,
-            script,
-            limits: config.runtime_limits(),
-            call_timeout: config.call_timeout(),
-            hard_timeout: config.hard_timeout(),
-        };
-        let (handle, ready, actor) = spawn(spec, self.pubsub.clone()).map_err(|e| {
-            tracing::error!(room = %room, "cannot start a room worker: {e}");
-            RoomError::SpawnFailed(Arc::new(e))
-        })?;
-        Ok(Launched { handle, ready, actor: Box::pin(actor) })
-    }
 }
 
 /// Starts the worker process. The returned future is the actor: it must be polled (spawned)

@@ -16,33 +16,19 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use super::crashes::CrashGuard;
-use super::error::{PlacementError, RoomError};
-use super::handle::{ExitReport, ReadySignal, RoomHandle};
-use super::ids::{NodeId, RoomId, RuntimeId};
-use super::placement::{BoxFuture, Claim, Placement, RemoteCallError};
-use super::process::ProcessLauncher;
+use super::error::RoomError;
+use super::handle::{ExitReport, RoomHandle};
+use super::launcher::{Launched, Launcher, ProcessLauncher};
+use super::placement::{Claim, Placement};
 use crate::gateway::config::Config;
+use crate::gateway::ids::{NodeId, RoomId, RuntimeId};
 use crate::gateway::phoenix::{self, ROOM_RESET};
 use crate::gateway::pubsub::PubSub;
 use crate::util::LockExt;
 
-/// Starts one runtime of a room. The supervisor decides when; a launcher decides how (a
-/// worker process, or a stand-in in unit tests).
-pub(crate) trait Launcher: Send + Sync + 'static {
-    fn launch(&self, room: &RoomId, runtime: RuntimeId) -> Result<Launched, RoomError>;
-}
-
-/// A runtime on its way up: its handle, the signal that it is ready (or failed), and its
-/// actor, which the supervisor polls and which resolves once the runtime is gone.
-pub(crate) struct Launched {
-    pub handle: RoomHandle,
-    pub ready: ReadySignal,
-    pub actor: BoxFuture<'static, ExitReport>,
-}
-
 type StartOutcome = Option<Result<RoomHandle, RoomError>>;
 
-enum Slot {
+pub(super) enum Slot {
     /// A worker is being started; later users wait for the same outcome.
     Starting {
         runtime: RuntimeId,
@@ -51,8 +37,8 @@ enum Slot {
     Live(RoomHandle),
 }
 
-struct State {
-    rooms: HashMap<RoomId, Slot>,
+pub(super) struct State {
+    pub(super) rooms: HashMap<RoomId, Slot>,
     /// Every worker not yet reaped, by runtime, so shutdown can reach starting ones too.
     workers: HashMap<RuntimeId, RoomHandle>,
     crashes: CrashGuard,
@@ -76,14 +62,14 @@ pub struct RoomInfo {
 
 #[derive(Clone)]
 pub struct Supervisor {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
-struct Inner {
-    config: Arc<Config>,
+pub(super) struct Inner {
+    pub(super) config: Arc<Config>,
     pubsub: Arc<PubSub>,
     launcher: Box<dyn Launcher>,
-    placement: Option<Arc<dyn Placement>>,
+    pub(super) placement: Option<Arc<dyn Placement>>,
     /// This node's name in `/api/rooms`.
     node: NodeId,
     state: Mutex<State>,
@@ -152,80 +138,6 @@ impl Supervisor {
             Ok(outcome) => outcome.clone().unwrap_or(Err(RoomError::WorkerExited)),
             Err(_) => Err(RoomError::WorkerExited),
         }
-    }
-
-    /// Calls a function of the room's script, starting the room if needed (in a cluster:
-    /// wherever it runs, starting it here if it runs nowhere).
-    pub async fn call(&self, id: &RoomId, function: &str, args_json: String) -> Result<String, RoomError> {
-        match &self.inner.placement {
-            None => self.room(id).await?.call(function, args_json).await,
-            // Boxed: inline, the cluster path's NATS futures made every channel task's
-            // future, and so every idle socket, ~5 KiB larger (loadgen idle: 14.4 → 19.3 KiB).
-            Some(placement) => Box::pin(self.call_placed(&**placement, id, function, args_json)).await,
-        }
-    }
-
-    /// Calls the room if this node runs it (or is starting it); `None` if it does not.
-    pub async fn call_here(
-        &self,
-        id: &RoomId,
-        function: &str,
-        args_json: String,
-    ) -> Option<Result<String, RoomError>> {
-        let mut outcome = {
-            let state = self.lock();
-            match state.rooms.get(id)? {
-                Slot::Live(handle) if !handle.is_closed() => Ok(handle.clone()),
-                Slot::Live(_) => return None,
-                Slot::Starting { outcome, .. } => Err(outcome.clone()),
-            }
-        };
-        let handle = match &mut outcome {
-            Ok(handle) => handle.clone(),
-            Err(starting) => match starting.wait_for(Option::is_some).await {
-                Ok(settled) => match settled.clone() {
-                    Some(Ok(handle)) => handle,
-                    Some(Err(RoomError::OwnedElsewhere)) => return None,
-                    Some(Err(error)) => return Some(Err(error)),
-                    None => return Some(Err(RoomError::WorkerExited)),
-                },
-                Err(_) => return Some(Err(RoomError::WorkerExited)),
-            },
-        };
-        Some(handle.call(function, args_json).await)
-    }
-
-    async fn call_placed(
-        &self,
-        placement: &dyn Placement,
-        id: &RoomId,
-        function: &str,
-        args_json: String,
-    ) -> Result<String, RoomError> {
-        // A lease can move between looking it up and using it; a few looks settle it.
-        const ATTEMPTS: usize = 3;
-        for _ in 0..ATTEMPTS {
-            if let Some(result) = self.call_here(id, function, args_json.clone()).await {
-                return result;
-            }
-            match placement.holder(id).await? {
-                Some(holder) if holder.node != *placement.node() => {
-                    let timeout = self.inner.config.call_timeout();
-                    match placement.call(&holder, id, function, args_json.clone(), timeout).await {
-                        Ok(result) => return Ok(result),
-                        Err(RemoteCallError::Room(error)) => return Err(error),
-                        Err(RemoteCallError::NotHere) => continue,
-                    }
-                }
-                // Nobody's, or a lease of ours on a runtime that is gone: start it here.
-                _ => match self.room(id).await {
-                    Ok(handle) => return handle.call(function, args_json).await,
-                    Err(RoomError::OwnedElsewhere) => continue,
-                    Err(error) => return Err(error),
-                },
-            }
-        }
-        Err(PlacementError::Contended.into())
     }
 
     /// Stops the runtime if it is still running here (its lease went to another node).
@@ -428,7 +340,7 @@ impl Supervisor {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         self.inner.state.lock_or_recover()
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::handle::{ExitReason, ExitReport, HandleEnds, Request, RoomHandle};
-use super::supervisor::{Launched, Launcher};
+use super::launcher::{Launched, Launcher};
 use super::{RoomError, RoomId, RuntimeId, Supervisor};
 use crate::gateway::config::Config;
 use crate::gateway::phoenix::Outbox;

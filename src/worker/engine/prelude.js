@@ -1,6 +1,7 @@
-// The room script API (design §5), built on a handful of natives. Evaluated before the room
-// script as a function expression: it installs the globals and returns the hooks the Rust
-// event loop drives. Nothing here is engine-specific, so a V8 backend can reuse it unchanged.
+// The room script API (the design's "Room script API" contract, section 5 of design.md), built
+// on a handful of natives. Evaluated before the room script as a function expression: it
+// installs the globals and returns the hooks the Rust event loop drives. Nothing here is
+// engine-specific, so a V8 backend can reuse it unchanged.
 (function (native, roomId) {
   "use strict";
 

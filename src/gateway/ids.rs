@@ -1,4 +1,4 @@
-//! The names things go by: a room, one runtime of a room, and a gateway node.
+//! The names things go by on the gateway: a room, one runtime of a room, and a gateway node.
 
 use std::sync::Arc;
 
