@@ -134,7 +134,7 @@ async fn upgrade(State(server): State<Arc<Server>>, ws: WebSocketUpgrade) -> Res
 async fn serve(socket: WebSocket, server: Arc<Server>) {
     let (mut sink, mut stream) = socket.split();
     let (outbox, mut outbound) = mpsc::unbounded_channel::<Utf8Bytes>();
-    // The gateway's write strategy (src/socket.rs): what is already queued goes out with one
+    // The gateway's write strategy (src/gateway/phoenix/writer.rs): what is already queued goes out with one
     // flush, so the ratio gateway/limit measures processes + JS, not a different writer.
     let mut writer = tokio::spawn(async move {
         while let Some(frame) = outbound.recv().await {
