@@ -34,39 +34,39 @@ pub struct Config {
     pub worker_bin: Option<PathBuf>,
 
     /// Largest WebSocket message accepted; larger ones close the socket with 1009.
-    #[arg(long, env = "ROOMVISOR_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    #[arg(long, value_parser = ranged::<usize>(256..=16_777_216), env = "ROOMVISOR_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
     pub max_frame_bytes: usize,
 
     /// Longest sender name, in characters.
-    #[arg(long, env = "ROOMVISOR_MAX_SENDER_CHARS", default_value_t = 64)]
+    #[arg(long, value_parser = ranged::<usize>(1..=65_536), env = "ROOMVISOR_MAX_SENDER_CHARS", default_value_t = 64)]
     pub max_sender_chars: usize,
 
     /// Longest message text, in characters.
-    #[arg(long, env = "ROOMVISOR_MAX_TEXT_CHARS", default_value_t = 4000)]
+    #[arg(long, value_parser = ranged::<usize>(1..=1_000_000), env = "ROOMVISOR_MAX_TEXT_CHARS", default_value_t = 4000)]
     pub max_text_chars: usize,
 
     /// Most rooms live at once.
-    #[arg(long, env = "ROOMVISOR_MAX_ROOMS", default_value_t = 1024)]
+    #[arg(long, value_parser = ranged::<usize>(1..=1_000_000), env = "ROOMVISOR_MAX_ROOMS", default_value_t = 1024)]
     pub max_rooms: usize,
 
     /// Most channels one socket may have joined.
-    #[arg(long, env = "ROOMVISOR_MAX_CHANNELS_PER_SOCKET", default_value_t = 100)]
+    #[arg(long, value_parser = ranged::<usize>(1..=10_000), env = "ROOMVISOR_MAX_CHANNELS_PER_SOCKET", default_value_t = 100)]
     pub max_channels_per_socket: usize,
 
     /// Sustained inbound frames per second per socket.
-    #[arg(long, env = "ROOMVISOR_RATE_PER_SEC", default_value_t = 50)]
+    #[arg(long, value_parser = ranged::<u32>(1..=1_000_000), env = "ROOMVISOR_RATE_PER_SEC", default_value_t = 50)]
     pub rate_per_sec: u32,
 
     /// Inbound frames a socket may send in a burst above the sustained rate.
-    #[arg(long, env = "ROOMVISOR_RATE_BURST", default_value_t = 100)]
+    #[arg(long, value_parser = ranged::<u32>(1..=1_000_000), env = "ROOMVISOR_RATE_BURST", default_value_t = 100)]
     pub rate_burst: u32,
 
     /// Frames queued for one socket before it counts as too slow and is disconnected.
-    #[arg(long, env = "ROOMVISOR_OUTBOUND_QUEUE", default_value_t = 1024)]
+    #[arg(long, value_parser = ranged::<usize>(1..=1_000_000), env = "ROOMVISOR_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
 
     /// Largest IPC frame from a worker; larger is a protocol violation.
-    #[arg(long, env = "ROOMVISOR_MAX_IPC_FRAME_BYTES", default_value_t = DEFAULT_MAX_FRAME_BYTES)]
+    #[arg(long, value_parser = ranged::<usize>(65_536..=1_073_741_824), env = "ROOMVISOR_MAX_IPC_FRAME_BYTES", default_value_t = DEFAULT_MAX_FRAME_BYTES)]
     pub max_ipc_frame_bytes: usize,
 
     /// Origins allowed to open a WebSocket besides the request's own host (repeatable).
@@ -74,38 +74,38 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
 
     /// A caller waits this long for a room's answer before getting `timeout`.
-    #[arg(long, env = "ROOMVISOR_CALL_TIMEOUT_MS", default_value_t = 5_000)]
+    #[arg(long, value_parser = ranged::<u64>(1..=3_600_000), env = "ROOMVISOR_CALL_TIMEOUT_MS", default_value_t = 5_000)]
     pub call_timeout_ms: u64,
 
     /// A worker that leaves a call unanswered this long is killed as unresponsive.
-    #[arg(long, env = "ROOMVISOR_HARD_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, value_parser = ranged::<u64>(1..=3_600_000), env = "ROOMVISOR_HARD_TIMEOUT_MS", default_value_t = 10_000)]
     pub hard_timeout_ms: u64,
 
     /// JS heap per room.
-    #[arg(long, env = "ROOMVISOR_JS_HEAP_BYTES", default_value_t = 64 * 1024 * 1024)]
+    #[arg(long, value_parser = ranged::<u64>(1_048_576..=17_179_869_184), env = "ROOMVISOR_JS_HEAP_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub js_heap_bytes: u64,
 
     /// CPU time one call (or timer, or delivery) may use before it is interrupted.
-    #[arg(long, env = "ROOMVISOR_JS_CPU_MS", default_value_t = 1_000)]
+    #[arg(long, value_parser = ranged::<u64>(1..=3_600_000), env = "ROOMVISOR_JS_CPU_MS", default_value_t = 1_000)]
     pub js_cpu_ms: u64,
 
     /// A room whose worker dies more than this many times within the window is cooled down.
     #[arg(long, env = "ROOMVISOR_CRASH_LIMIT", default_value_t = 5)]
     pub crash_limit: usize,
 
-    #[arg(long, env = "ROOMVISOR_CRASH_WINDOW_MS", default_value_t = 10_000)]
+    #[arg(long, value_parser = ranged::<u64>(1..=86_400_000), env = "ROOMVISOR_CRASH_WINDOW_MS", default_value_t = 10_000)]
     pub crash_window_ms: u64,
 
     /// How long a crash-looping room is refused.
-    #[arg(long, env = "ROOMVISOR_CRASH_COOLDOWN_MS", default_value_t = 10_000)]
+    #[arg(long, value_parser = ranged::<u64>(0..=86_400_000), env = "ROOMVISOR_CRASH_COOLDOWN_MS", default_value_t = 10_000)]
     pub crash_cooldown_ms: u64,
 
     /// Messages a join returns.
-    #[arg(long, env = "ROOMVISOR_HISTORY_ON_JOIN", default_value_t = 100)]
+    #[arg(long, value_parser = ranged::<usize>(0..=1_000), env = "ROOMVISOR_HISTORY_ON_JOIN", default_value_t = 100)]
     pub history_on_join: usize,
 
     /// A socket that sends nothing (not even a heartbeat) this long is closed.
-    #[arg(long, env = "ROOMVISOR_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
+    #[arg(long, value_parser = ranged::<u64>(1_000..=86_400_000), env = "ROOMVISOR_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
     pub idle_timeout_ms: u64,
 
     /// Join a cluster of gateways through this NATS server (JetStream enabled); alone without.
@@ -118,12 +118,22 @@ pub struct Config {
 
     /// A room's lease in the cluster: a node that stops renewing (it died) loses its rooms
     /// after this long, and they start fresh elsewhere on next use.
-    #[arg(long, env = "ROOMVISOR_CLUSTER_LEASE_MS", default_value_t = 5_000)]
+    #[arg(long, value_parser = ranged::<u64>(1_000..=600_000), env = "ROOMVISOR_CLUSTER_LEASE_MS", default_value_t = 5_000)]
     pub cluster_lease_ms: u64,
 
     /// On SIGTERM/SIGINT, workers get this long to exit before they are killed.
-    #[arg(long, env = "ROOMVISOR_SHUTDOWN_GRACE_MS", default_value_t = 5_000)]
+    #[arg(long, value_parser = ranged::<u64>(0..=600_000), env = "ROOMVISOR_SHUTDOWN_GRACE_MS", default_value_t = 5_000)]
     pub shutdown_grace_ms: u64,
+}
+
+/// A parser that accepts integers in `range` only; clap's error then names the flag and the
+/// range, and the gateway exits with status 2 before it binds anything.
+fn ranged<T>(range: std::ops::RangeInclusive<u64>) -> clap::builder::RangedU64ValueParser<T>
+where
+    T: TryFrom<u64> + Clone + Send + Sync + 'static,
+    <T as TryFrom<u64>>::Error: Send + Sync + 'static + std::error::Error + ToString,
+{
+    clap::builder::RangedU64ValueParser::<T>::new().range(range)
 }
 
 pub const DEFAULT_ROOM_SCRIPT: &str = "rooms/chat-room.js";
@@ -236,7 +246,7 @@ mod tests {
     fn every_limit_has_a_flag() {
         let config = Config::parse_from([
             "gateway",
-            "--max-frame-bytes=1",
+            "--max-frame-bytes=1001",
             "--max-sender-chars=2",
             "--max-text-chars=3",
             "--max-rooms=4",
@@ -244,15 +254,33 @@ mod tests {
             "--rate-per-sec=6",
             "--rate-burst=7",
             "--outbound-queue=8",
-            "--max-ipc-frame-bytes=9",
+            "--max-ipc-frame-bytes=100009",
             "--allowed-origin=https://a.example,https://b.example",
         ]);
         assert_eq!(
             (config.max_frame_bytes, config.max_sender_chars, config.max_text_chars, config.max_rooms),
-            (1, 2, 3, 4)
+            (1001, 2, 3, 4)
         );
         assert_eq!((config.max_channels_per_socket, config.rate_per_sec, config.rate_burst), (5, 6, 7));
-        assert_eq!((config.outbound_queue, config.max_ipc_frame_bytes), (8, 9));
+        assert_eq!((config.outbound_queue, config.max_ipc_frame_bytes), (8, 100_009));
         assert_eq!(config.allowed_origins, ["https://a.example", "https://b.example"]);
+    }
+
+    #[test]
+    fn values_that_would_make_the_service_unusable_are_refused_with_the_range() {
+        for flag in [
+            "--idle-timeout-ms=0",
+            "--max-frame-bytes=0",
+            "--rate-burst=0",
+            "--max-rooms=0",
+            "--max-channels-per-socket=0",
+            "--js-heap-bytes=0",
+            "--history-on-join=5000",
+        ] {
+            let error = Config::try_parse_from(["gateway", flag]).expect_err(flag).to_string();
+            let name = flag.split('=').next().unwrap_or_default();
+            assert!(error.contains(name), "{flag}: {error}");
+            assert!(error.contains("is not in"), "{flag}: the message names the range: {error}");
+        }
     }
 }

@@ -17,6 +17,9 @@ use super::engine::Host;
 use super::protocol_error;
 use crate::wire::{FromWorker, LogLevel, ScriptError, ToWorker, WorkerCodec, DEFAULT_MAX_FRAME_BYTES};
 
+/// What a caller hears when the script's answer does not fit in one IPC frame.
+const REPLY_TOO_LARGE: &str = "reply too large";
+
 #[derive(Debug)]
 pub(super) enum Incoming {
     Frame(ToWorker),
@@ -131,9 +134,22 @@ impl Pipe {
     }
 
     /// Queues a frame; it goes out at the next flush, at the latest before the worker blocks.
+    /// A reply too large for the pipe becomes an error reply, so the caller hears why and the
+    /// runtime, which did nothing wrong, stays up.
     pub(super) fn send(&self, frame: FromWorker) {
-        if let Err(e) = self.codec.borrow_mut().encode(frame, &mut self.pending.borrow_mut()) {
-            eprintln!("room-worker {}: cannot encode a frame: {e}", std::process::id());
+        let reply_to = match &frame {
+            FromWorker::Reply { id, .. } => Some(*id),
+            _ => None,
+        };
+        let mut codec = self.codec.borrow_mut();
+        let mut pending = self.pending.borrow_mut();
+        let Err(e) = codec.encode(frame, &mut pending) else { return };
+        eprintln!("room-worker {}: cannot send a frame: {e}", std::process::id());
+        if let Some(id) = reply_to {
+            let refusal = FromWorker::Reply { id, result: Err(ScriptError::exception(REPLY_TOO_LARGE)) };
+            if let Err(e) = codec.encode(refusal, &mut pending) {
+                eprintln!("room-worker {}: cannot send a frame: {e}", std::process::id());
+            }
         }
     }
 

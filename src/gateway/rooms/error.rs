@@ -56,15 +56,28 @@ impl RoomError {
             RoomError::Script(e) if e.kind == ScriptErrorKind::Timeout => "timeout".to_owned(),
             RoomError::Script(e) => e.message.clone(),
             RoomError::ShuttingDown => "room unavailable: the gateway is shutting down".to_owned(),
-            RoomError::ScriptUnreadable(e) => format!("room unavailable: {e}"),
-            RoomError::WorkerNotFound(e) => {
-                format!("room unavailable: cannot find the room-worker executable: {e}")
+            // The causes below name files and OS errors: they go to the log (see `detail`),
+            // never to a client.
+            RoomError::ScriptUnreadable(_) => "room unavailable: cannot read the room script".to_owned(),
+            RoomError::WorkerNotFound(_) | RoomError::SpawnFailed(_) => {
+                "room unavailable: cannot start a room worker".to_owned()
             }
-            RoomError::SpawnFailed(e) => format!("room unavailable: cannot start a room worker: {e}"),
+            RoomError::Placement(PlacementError::Failed(_)) => "room unavailable: cluster error".to_owned(),
             RoomError::Placement(PlacementError::Remote(reason)) => reason.clone(),
             RoomError::Placement(e) => format!("room unavailable: {e}"),
             RoomError::OwnedElsewhere => "room is owned by another node".to_owned(),
         }
+    }
+
+    /// The reason with its causes, for the log: what an operator needs and a client must not see.
+    pub fn detail(&self) -> String {
+        let mut detail = self.reason();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            detail.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        detail
     }
 
     /// Whether a failed start counts towards the crash-loop guard: only when the room's own
@@ -102,7 +115,7 @@ impl std::fmt::Display for PlacementError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PlacementError::NotReady => f.write_str("not connected to the cluster"),
-            PlacementError::Failed(e) => write!(f, "cluster error: {e}"),
+            PlacementError::Failed(_) => f.write_str("cluster error"),
             PlacementError::NodeGone(node) => {
                 write!(f, "its node {node} is gone; the room starts again once its lease runs out")
             }
@@ -117,6 +130,36 @@ impl std::error::Error for PlacementError {
         match self {
             PlacementError::Failed(e) => Some(&**e),
             _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_never_see_paths_or_os_errors_but_the_log_does() {
+        let io = || {
+            Arc::new(std::io::Error::other(
+                "cannot read room script /srv/secret/room.js: Too many open files",
+            ))
+        };
+        let lease = PlacementError::Failed(Arc::new(std::io::Error::other(
+            "nats://10.0.0.7:4222: Connection refused",
+        )));
+        for error in [
+            RoomError::ScriptUnreadable(io()),
+            RoomError::WorkerNotFound(io()),
+            RoomError::SpawnFailed(io()),
+            RoomError::Placement(lease),
+        ] {
+            let reason = error.reason();
+            assert!(
+                !reason.contains('/') && !reason.contains("Too many") && !reason.contains("refused"),
+                "{reason}"
+            );
+            assert!(error.detail().len() > reason.len(), "the log keeps the cause: {}", error.detail());
         }
     }
 }

@@ -36,8 +36,10 @@ impl Launcher for ProcessLauncher {
         let config = &self.config;
         let (script_name, script) =
             config.load_room_script().map_err(|e| RoomError::ScriptUnreadable(Arc::new(e)))?;
-        let (worker_path, worker_argv0) =
-            config.worker_command().map_err(|e| RoomError::WorkerNotFound(Arc::new(e)))?;
+        let (worker_path, worker_argv0) = config.worker_command().map_err(|e| {
+            tracing::error!(room = %room, "cannot find the room-worker executable: {e}");
+            RoomError::WorkerNotFound(Arc::new(e))
+        })?;
         let spec = RoomSpec {
             room: room.clone(),
             runtime,

@@ -79,7 +79,10 @@ impl Channel {
         let call = chat.on_join();
         let reply = match self.ctx.supervisor.call(&self.room, call.function, call.args_json).await {
             Ok(answer) => chat.join_reply(&answer).map(|response| join.reply_ok(&response)),
-            Err(e) => Err(e.reason()),
+            Err(e) => {
+                tracing::info!(room = %self.room, "join refused: {}", e.detail());
+                Err(e.reason())
+            }
         };
         match reply {
             Ok(reply) => {
@@ -87,7 +90,6 @@ impl Channel {
                 true
             }
             Err(reason) => {
-                tracing::info!(room = %self.room, "join refused: {reason}");
                 self.outbox.send(join.reply_error(&reason));
                 false
             }

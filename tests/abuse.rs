@@ -1,0 +1,71 @@
+//! What one hostile or careless client (or operator) could do to a gateway, each over real
+//! sockets and processes, and what the gateway does instead: bounded memory, rooms that keep
+//! their state, clear refusals, and errors that name no file and no OS error.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{script_file, Gateway};
+
+#[test]
+fn flags_that_would_make_the_service_unusable_stop_the_start_with_the_range() {
+    for (flag, value) in [
+        ("--idle-timeout-ms", "0"),
+        ("--max-frame-bytes", "0"),
+        ("--rate-burst", "0"),
+        ("--max-rooms", "0"),
+        ("--max-channels-per-socket", "0"),
+        ("--js-heap-bytes", "0"),
+        ("--history-on-join", "100000"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(["--port", "0", flag, value])
+            .output()
+            .expect("the gateway runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag) && stderr.contains("is not in"), "{flag} {value}: {stderr}");
+        assert!(output.stdout.is_empty(), "{flag} {value}: it never listened");
+    }
+}
+
+#[tokio::test]
+async fn a_reply_over_the_ipc_limit_is_refused_and_the_room_keeps_running() {
+    // The first history is 100 KB, over the 64 KiB IPC limit; later ones are small.
+    let script = script_file(
+        "big-reply",
+        "let first = true;\n\
+         function getHistory(limit) { if (first) { first = false; return ['x'.repeat(100000)]; } return ['ok']; }\n\
+         function sendMessage(sender, text) { return { sender, text }; }\n",
+    );
+    let gateway =
+        Gateway::start(&["--room-script", script.to_str().unwrap(), "--max-ipc-frame-bytes", "65536"]);
+    let mut client = gateway.connect().await;
+    let (_, refused) = client.join("room:big").await;
+    assert_eq!(refused["status"], "error", "{refused}");
+    assert_eq!(refused["response"]["reason"], "reply too large");
+    let pid = gateway.wait_room_pid("big");
+
+    let (_, history) = client.join_ok("room:big").await;
+    assert_eq!(history, ["ok"], "the same runtime answers, with its state");
+    assert_eq!(gateway.room_pid("big"), Some(pid), "the worker was not killed");
+    assert!(!gateway.log_contains_now("protocol violation"));
+}
+
+#[tokio::test]
+async fn an_unreadable_room_script_is_named_in_the_log_and_not_to_the_client() {
+    let gateway = Gateway::start(&["--room-script", "/nonexistent/secret-dir/room.js"]);
+    let mut client = gateway.connect().await;
+    let (_, refused) = client.join("room:lost").await;
+    let reason = refused["response"]["reason"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(reason, "room unavailable: cannot read the room script", "{refused}");
+    assert!(
+        common::wait_for_within(Duration::from_secs(5), || gateway
+            .log_contains_now("/nonexistent/secret-dir/room.js")
+            .then_some(()))
+        .is_some(),
+        "the operator's log names the file"
+    );
+}
