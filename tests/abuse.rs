@@ -69,3 +69,57 @@ async fn an_unreadable_room_script_is_named_in_the_log_and_not_to_the_client() {
         "the operator's log names the file"
     );
 }
+
+/// 100 messages whose text escapes to about 24 KB of JSON each: every join's history is about
+/// 2.4 MB, as in the report.
+async fn fill_with_heavy_messages(client: &mut common::Client, join_ref: &str, topic: &str) {
+    let heavy = "\u{1}".repeat(3_900);
+    for _ in 0..100 {
+        let reply = client.send_message(join_ref, topic, "filler", &heavy).await;
+        assert_eq!(reply["status"], "ok", "{reply}");
+    }
+}
+
+#[tokio::test]
+async fn a_flood_of_joins_does_not_wipe_a_room() {
+    let gateway = Gateway::start(&[]);
+    let topic = "room:target";
+    let mut member = gateway.connect().await;
+    let (join_ref, _) = member.join_ok(topic).await;
+    fill_with_heavy_messages(&mut member, &join_ref, topic).await;
+    let pid = gateway.wait_room_pid("target");
+
+    // Ten sockets send 100 joins each at once and read whatever comes back.
+    let mut attackers = Vec::new();
+    for _ in 0..10 {
+        let mut attacker = gateway.connect().await;
+        attackers.push(tokio::spawn(async move {
+            let refs: Vec<String> = (0..100).map(|i| format!("a{i}")).collect();
+            for r in &refs {
+                attacker.send(serde_json::json!([r, r, topic, "phx_join", {}])).await;
+            }
+            let mut answered = 0;
+            while answered < refs.len() {
+                match attacker.try_recv(Duration::from_secs(30)).await {
+                    Some(frame) if frame[3] == "phx_reply" => answered += 1,
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            answered
+        }));
+    }
+    for attacker in attackers {
+        assert_eq!(attacker.await.expect("the attacker task ends"), 100, "every join was answered");
+    }
+
+    member.assert_no_event("room_reset", Duration::from_millis(200)).await;
+    assert!(!gateway.log_contains_now("unresponsive"), "the busy worker was never killed");
+    assert_eq!(gateway.room_pid("target"), Some(pid), "the same runtime");
+    let reply = member.send_message(&join_ref, topic, "member", "still here").await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let mut late = gateway.connect().await;
+    let (_, history) = late.join_ok(topic).await;
+    assert_eq!(history.len(), 100, "the history is intact");
+    assert_eq!(history.last().map(|m| m["text"].clone()), Some("still here".into()));
+}

@@ -73,6 +73,10 @@ pub struct Config {
     #[arg(long = "allowed-origin", env = "ROOMVISOR_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
+    /// Calls that may wait for one room; past it callers get `room busy` at once.
+    #[arg(long, value_parser = ranged::<usize>(1..=65_536), env = "ROOMVISOR_MAX_QUEUED_CALLS", default_value_t = 256)]
+    pub max_queued_calls: usize,
+
     /// A caller waits this long for a room's answer before getting `timeout`.
     #[arg(long, value_parser = ranged::<u64>(1..=3_600_000), env = "ROOMVISOR_CALL_TIMEOUT_MS", default_value_t = 5_000)]
     pub call_timeout_ms: u64,

@@ -35,6 +35,7 @@ enum CallReply {
 enum RemoteRoomError {
     RoomLimit,
     CrashLooping,
+    Busy,
     Timeout,
     WorkerExited,
     Script(ScriptError),
@@ -47,6 +48,7 @@ impl From<&RoomError> for RemoteRoomError {
         match error {
             RoomError::RoomLimit => RemoteRoomError::RoomLimit,
             RoomError::CrashLooping => RemoteRoomError::CrashLooping,
+            RoomError::Busy => RemoteRoomError::Busy,
             RoomError::Timeout => RemoteRoomError::Timeout,
             RoomError::WorkerExited => RemoteRoomError::WorkerExited,
             RoomError::Script(e) => RemoteRoomError::Script(e.clone()),
@@ -61,6 +63,7 @@ impl From<RemoteRoomError> for RoomError {
         match error {
             RemoteRoomError::RoomLimit => RoomError::RoomLimit,
             RemoteRoomError::CrashLooping => RoomError::CrashLooping,
+            RemoteRoomError::Busy => RoomError::Busy,
             RemoteRoomError::Timeout => RoomError::Timeout,
             RemoteRoomError::WorkerExited => RoomError::WorkerExited,
             RemoteRoomError::Script(e) => RoomError::Script(e),

@@ -11,6 +11,8 @@ use crate::wire::{ScriptError, ScriptErrorKind};
 pub enum RoomError {
     RoomLimit,
     CrashLooping,
+    /// The room's call queue is full.
+    Busy,
     Timeout,
     WorkerExited,
     /// The script threw, or its start-up failed; carries the script's error.
@@ -51,6 +53,7 @@ impl RoomError {
         match self {
             RoomError::RoomLimit => "room limit reached".to_owned(),
             RoomError::CrashLooping => "room is crash-looping".to_owned(),
+            RoomError::Busy => "room busy".to_owned(),
             RoomError::Timeout => "timeout".to_owned(),
             RoomError::WorkerExited => "room worker exited".to_owned(),
             RoomError::Script(e) if e.kind == ScriptErrorKind::Timeout => "timeout".to_owned(),

@@ -14,9 +14,6 @@ use super::error::RoomError;
 use crate::gateway::ids::{RoomId, RuntimeId};
 use crate::util::epoch_ms;
 
-/// Calls queued for one room before callers wait for room in the queue.
-const COMMAND_QUEUE: usize = 1024;
-
 /// How a worker ended.
 #[derive(Debug, Clone)]
 pub enum ExitReason {
@@ -90,11 +87,14 @@ impl RoomHandle {
         self.last_used_ms.store(epoch_ms(), Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         let command = Request::Call { function: function.to_owned(), args: args_json, reply };
-        let exchange = async {
-            self.commands.send(command).await.map_err(|_| RoomError::WorkerExited)?;
-            answer.await.map_err(|_| RoomError::WorkerExited)?
-        };
-        timeout(self.call_timeout, exchange).await.unwrap_or(Err(RoomError::Timeout))
+        // A full queue is refused at once: waiting for space would let a flood of calls hold
+        // every caller's memory, and each of them would time out anyway.
+        self.commands.try_send(command).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => RoomError::Busy,
+            mpsc::error::TrySendError::Closed(_) => RoomError::WorkerExited,
+        })?;
+        let answer = async { answer.await.map_err(|_| RoomError::WorkerExited)? };
+        timeout(self.call_timeout, answer).await.unwrap_or(Err(RoomError::Timeout))
     }
 
     /// Asks the worker to finish; it exits once it has drained what it was sent.
@@ -131,14 +131,16 @@ pub(crate) struct HandleEnds {
 }
 
 impl RoomHandle {
-    /// A handle on a runtime that is starting now, and the ends its actor keeps.
+    /// A handle on a runtime that is starting now, and the ends its actor keeps. `max_queued`
+    /// calls may wait for the room; more are refused with `room busy`.
     pub(crate) fn new(
         room: RoomId,
         runtime: RuntimeId,
         pid: u32,
         call_timeout: Duration,
+        max_queued: usize,
     ) -> (RoomHandle, HandleEnds) {
-        let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
+        let (commands_tx, commands) = mpsc::channel(max_queued.max(1));
         let kill = CancellationToken::new();
         let calls = Arc::new(AtomicU64::new(0));
         let started_at_ms = epoch_ms();

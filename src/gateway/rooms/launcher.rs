@@ -50,6 +50,7 @@ impl Launcher for ProcessLauncher {
             limits: config.runtime_limits(),
             call_timeout: config.call_timeout(),
             hard_timeout: config.hard_timeout(),
+            max_queued_calls: config.max_queued_calls,
         };
         let (handle, ready, actor) = spawn(spec, self.pubsub.clone()).map_err(|e| {
             tracing::error!(room = %room, "cannot start a room worker: {e}");

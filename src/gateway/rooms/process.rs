@@ -45,6 +45,8 @@ pub struct RoomSpec {
     pub limits: RuntimeLimits,
     pub call_timeout: Duration,
     pub hard_timeout: Duration,
+    /// Calls that may wait for the room before more are refused as `room busy`.
+    pub max_queued_calls: usize,
 }
 
 /// Starts the worker process. The returned future is the actor: it must be polled (spawned)
@@ -74,7 +76,7 @@ pub fn spawn(
     tokio::spawn(forward_stderr(spec.room.clone(), pid, stderr));
 
     let (handle, HandleEnds { commands, kill, calls }) =
-        RoomHandle::new(spec.room.clone(), spec.runtime, pid, spec.call_timeout);
+        RoomHandle::new(spec.room.clone(), spec.runtime, pid, spec.call_timeout, spec.max_queued_calls);
     let (inbox_tx, inbox) = mpsc::channel(DELIVERY_QUEUE);
     let (ready_tx, ready) = oneshot::channel();
     let max_frame = usize::try_from(spec.limits.max_frame_bytes).unwrap_or(usize::MAX);
@@ -96,6 +98,7 @@ pub fn spawn(
         shutting_down: false,
         spawned_at: Instant::now(),
         became_ready: false,
+        abandoned: 0,
         spec,
     };
     Ok((handle, ready, actor.run()))
@@ -126,6 +129,8 @@ struct Actor {
     shutting_down: bool,
     spawned_at: Instant,
     became_ready: bool,
+    /// Calls dropped unrun because their callers had gone.
+    abandoned: u64,
 }
 
 /// A frame from the worker that breaks the protocol; the worker is killed for it.
@@ -199,7 +204,16 @@ impl Actor {
                     // stdout closed: the worker is on its way out; the wait branch sees it go.
                     None => return self.await_exit().await,
                 },
-                command = self.commands.recv(), if !self.shutting_down => match command {
+                // One call at a time, as the design's actor: the next is taken only once the
+                // worker has answered, so a call's hard limit runs from when the worker got it
+                // (never from when it was queued behind others), queued calls whose callers
+                // gave up are dropped before they run, and the gateway never blocks writing
+                // to a worker that is blocked writing a large answer to it.
+                command = self.commands.recv(), if !self.shutting_down && self.in_flight.is_empty() => match command {
+                    Some(Request::Call { reply, .. }) if reply.is_closed() => {
+                        self.abandoned += 1;
+                        tracing::debug!(room = %self.spec.room, dropped = self.abandoned, "dropped a call whose caller is gone");
+                    }
                     Some(Request::Call { function, args, reply }) => {
                         let id = self.next_call_id;
                         self.next_call_id += 1;

@@ -37,7 +37,7 @@ struct StandIn {
 impl Launcher for StandIn {
     fn launch(&self, room: &RoomId, runtime: RuntimeId) -> Result<Launched, RoomError> {
         self.launches.fetch_add(1, Ordering::SeqCst);
-        let (handle, ends) = RoomHandle::new(room.clone(), runtime, 0, Duration::from_secs(5));
+        let (handle, ends) = RoomHandle::new(room.clone(), runtime, 0, Duration::from_secs(5), 64);
         let (ready_tx, ready) = oneshot::channel();
         let actor = run_stand_in(room.clone(), runtime, self.behaviour, self.start_delay, ends, ready_tx);
         Ok(Launched { handle, ready, actor: Box::pin(actor) })
