@@ -75,6 +75,9 @@ async fn without_a_room_worker_binary_the_gateway_runs_itself_as_the_worker() {
     assert_eq!(workers.len(), 1, "{workers:?}");
     assert_eq!(workers[0].pid, pid);
     assert_eq!(workers[0].argv0, "room-worker", "ps shows it as a room worker");
+    // The kernel names it after the executable, not argv[0]: workers_of finds it (and its
+    // zombie, whose argv[0] is gone) by the gateway's own comm.
+    assert_eq!(workers[0].comm, "gateway", "comm is the executable's file name");
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert_eq!(exe, lone, "the worker is the gateway executable itself");
     drop(gateway);
@@ -97,4 +100,13 @@ async fn killed_workers_leave_no_zombies() {
     }
     let zombies: Vec<_> = common::children_of(gateway.pid()).into_iter().filter(|p| p.state == 'Z').collect();
     assert!(zombies.is_empty(), "{zombies:?}");
+}
+
+#[test]
+fn stat_lines_with_odd_command_names_parse() {
+    let parse = common::parse_stat;
+    assert_eq!(parse("42 (room-worker) Z 7 42 42 0 -1"), Some(("room-worker".to_owned(), 'Z', 7)));
+    assert_eq!(parse("42 (a) b (c)) S 7 42 42 0 -1"), Some(("a) b (c)".to_owned(), 'S', 7)));
+    assert_eq!(parse("42 () R 1 0"), Some((String::new(), 'R', 1)));
+    assert_eq!(parse("42 (x"), None);
 }
