@@ -80,7 +80,17 @@ async fn leave_replies_then_closes_the_channel() {
     // Gone: the socket is no longer subscribed, and events on the topic are unmatched.
     let mut other = gateway.connect().await;
     let (other_ref, _) = other.join_ok("room:leaving").await;
-    other.send_message(&other_ref, "room:leaving", "bob", "anyone?").await;
+    let sent = other.send_message(&other_ref, "room:leaving", "bob", "anyone?").await;
+    assert_eq!(sent["status"], "ok", "the bystander's message was sent: {sent}");
+    // The broadcast went out (the bystander has it), so its absence below means something.
+    let heard = loop {
+        match other.try_recv(common::WAIT).await {
+            Some(frame) if frame[3] == "new_message" => break frame,
+            Some(_) => continue,
+            None => panic!("the bystander never received the broadcast of its own message"),
+        }
+    };
+    assert_eq!(heard[4], sent["response"]);
     client.assert_no_event("new_message", QUIET).await;
     let reply = client.send_message(&join_ref, "room:leaving", "ann", "still here?").await;
     assert_eq!(reply, json!({"status": "error", "response": {"reason": "unmatched topic"}}));
