@@ -198,7 +198,17 @@ async fn killing_a_worker_resets_the_room_and_the_next_message_starts_a_fresh_on
         assert_eq!(reset[2], "room:phoenix");
         assert_eq!(reset[4]["reason"], "room worker exited");
     }
-    assert!(gateway.log_contains(&format!("pid={old_pid}")), "the exit is logged with the pid");
+    // The exit line for exactly this pid (not its start line, not pid=123 for pid=12), which
+    // the gateway writes once it has reaped the worker.
+    let exit = gateway
+        .worker_exit_line(old_pid)
+        .unwrap_or_else(|| panic!("no exit logged for worker {old_pid}: {:#?}", gateway.log_lines_now()));
+    assert!(exit.contains("exited unexpectedly (signal: 9"), "the exit says how: {exit}");
+    assert!(
+        common::process(old_pid).is_none(),
+        "the killed worker {old_pid} is gone from /proc, not even a zombie: {:?}",
+        common::process(old_pid)
+    );
     common::wait_for(|| gateway.room_pid("phoenix").is_none().then_some(()))
         .expect("the dead worker is unregistered");
     assert!(workers_of(gateway.pid()).iter().all(|p| p.pid != old_pid), "the killed worker was reaped");
