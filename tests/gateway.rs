@@ -243,6 +243,14 @@ async fn fifty_racing_first_joins_start_exactly_one_worker() {
     let workers = workers_of(gateway.pid());
     assert_eq!(workers.len(), 1, "{workers:?}");
     assert_eq!(workers[0].pid as u64, rooms[0]["pid"].as_u64().unwrap());
+    // Every worker ever spawned logs a start line, so one that started and already died (a
+    // racer's duplicate, shut down or crashed) is counted too. Every start came before the
+    // replies; the wait is for the log reader to catch up.
+    assert!(gateway.log_contains(common::WORKER_STARTED), "the worker's start is logged");
+    tokio::time::sleep(QUIET).await;
+    let starts: Vec<String> =
+        gateway.log_lines_now().into_iter().filter(|l| l.contains(common::WORKER_STARTED)).collect();
+    assert_eq!(starts.len(), 1, "workers started for one room: {starts:#?}");
 }
 
 #[tokio::test]
