@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use common::{is_alive, workers_of, Gateway};
 use nix::sys::signal::Signal;
+use serde_json::json;
 
 /// Starts two rooms and returns their worker pids.
 async fn two_rooms(gateway: &Gateway) -> (common::Client, Vec<u32>) {
@@ -20,7 +21,14 @@ async fn two_rooms(gateway: &Gateway) -> (common::Client, Vec<u32>) {
 fn assert_all_gone(pids: &[u32], within: Duration) {
     let deadline = Instant::now() + within;
     while pids.iter().any(|p| is_alive(*p)) {
-        assert!(Instant::now() < deadline, "room workers outlived the gateway: {pids:?}");
+        if Instant::now() >= deadline {
+            let survivors: Vec<_> = pids.iter().filter_map(|p| common::process(*p)).collect();
+            // Orphans now: nothing else would ever stop them.
+            for survivor in &survivors {
+                common::try_kill9(survivor.pid);
+            }
+            panic!("room workers outlived the gateway: {survivors:?}");
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -48,8 +56,33 @@ async fn sigint_is_a_graceful_shutdown_too() {
 
 #[tokio::test]
 async fn sigkill_of_the_gateway_takes_its_workers_down() {
-    let mut gateway = Gateway::start(&[]);
-    let (_client, pids) = two_rooms(&gateway).await;
+    // An idle worker also exits when its stdin closes with the gateway; one busy in JS never
+    // reads stdin again, so only PR_SET_PDEATHSIG can stop it. Room one spins, with CPU and
+    // call limits far past the test's length.
+    let chat = std::fs::read_to_string(common::chat_script()).expect("the chat script");
+    let opening = "function sendMessage(sender, text) {";
+    assert!(chat.contains(opening), "the chat script changed shape");
+    let script = chat.replace(opening, &format!("{opening}\n  if (text === \"spin\") {{ for (;;) {{}} }}"));
+    let script = common::script_file("spinning-chat.js", &script);
+    let mut gateway = Gateway::start(&[
+        "--room-script",
+        script.to_str().unwrap(),
+        "--js-cpu-ms",
+        "60000",
+        "--call-timeout-ms",
+        "60000",
+        "--hard-timeout-ms",
+        "60000",
+    ]);
+    let mut client = gateway.connect().await;
+    let (join_ref, _) = client.join_ok("room:one").await;
+    client.join_ok("room:two").await;
+    let pids = vec![gateway.wait_room_pid("one"), gateway.wait_room_pid("two")];
+    client.push(Some(&join_ref), "room:one", "send_message", json!({"sender": "kay", "text": "spin"})).await;
+    let spinner = pids[0];
+    common::wait_for(|| common::process(spinner).filter(|p| p.state == 'R').map(|_| ()))
+        .unwrap_or_else(|| panic!("worker {spinner} never started spinning: {:?}", common::process(spinner)));
+
     gateway.signal(Signal::SIGKILL);
     gateway.wait_exit(Duration::from_secs(5));
     // PR_SET_PDEATHSIG kills them; nothing is left running as an orphan.
