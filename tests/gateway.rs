@@ -80,7 +80,17 @@ async fn leave_replies_then_closes_the_channel() {
     // Gone: the socket is no longer subscribed, and events on the topic are unmatched.
     let mut other = gateway.connect().await;
     let (other_ref, _) = other.join_ok("room:leaving").await;
-    other.send_message(&other_ref, "room:leaving", "bob", "anyone?").await;
+    let sent = other.send_message(&other_ref, "room:leaving", "bob", "anyone?").await;
+    assert_eq!(sent["status"], "ok", "the bystander's message was sent: {sent}");
+    // The broadcast went out (the bystander has it), so its absence below means something.
+    let heard = loop {
+        match other.try_recv(common::WAIT).await {
+            Some(frame) if frame[3] == "new_message" => break frame,
+            Some(_) => continue,
+            None => panic!("the bystander never received the broadcast of its own message"),
+        }
+    };
+    assert_eq!(heard[4], sent["response"]);
     client.assert_no_event("new_message", QUIET).await;
     let reply = client.send_message(&join_ref, "room:leaving", "ann", "still here?").await;
     assert_eq!(reply, json!({"status": "error", "response": {"reason": "unmatched topic"}}));
@@ -188,7 +198,17 @@ async fn killing_a_worker_resets_the_room_and_the_next_message_starts_a_fresh_on
         assert_eq!(reset[2], "room:phoenix");
         assert_eq!(reset[4]["reason"], "room worker exited");
     }
-    assert!(gateway.log_contains(&format!("pid={old_pid}")), "the exit is logged with the pid");
+    // The exit line for exactly this pid (not its start line, not pid=123 for pid=12), which
+    // the gateway writes once it has reaped the worker.
+    let exit = gateway
+        .worker_exit_line(old_pid)
+        .unwrap_or_else(|| panic!("no exit logged for worker {old_pid}: {:#?}", gateway.log_lines_now()));
+    assert!(exit.contains("exited unexpectedly (signal: 9"), "the exit says how: {exit}");
+    assert!(
+        common::process(old_pid).is_none(),
+        "the killed worker {old_pid} is gone from /proc, not even a zombie: {:?}",
+        common::process(old_pid)
+    );
     common::wait_for(|| gateway.room_pid("phoenix").is_none().then_some(()))
         .expect("the dead worker is unregistered");
     assert!(workers_of(gateway.pid()).iter().all(|p| p.pid != old_pid), "the killed worker was reaped");
@@ -223,6 +243,14 @@ async fn fifty_racing_first_joins_start_exactly_one_worker() {
     let workers = workers_of(gateway.pid());
     assert_eq!(workers.len(), 1, "{workers:?}");
     assert_eq!(workers[0].pid as u64, rooms[0]["pid"].as_u64().unwrap());
+    // Every worker ever spawned logs a start line, so one that started and already died (a
+    // racer's duplicate, shut down or crashed) is counted too. Every start came before the
+    // replies; the wait is for the log reader to catch up.
+    assert!(gateway.log_contains(common::WORKER_STARTED), "the worker's start is logged");
+    tokio::time::sleep(QUIET).await;
+    let starts: Vec<String> =
+        gateway.log_lines_now().into_iter().filter(|l| l.contains(common::WORKER_STARTED)).collect();
+    assert_eq!(starts.len(), 1, "workers started for one room: {starts:#?}");
 }
 
 #[tokio::test]

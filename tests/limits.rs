@@ -116,9 +116,18 @@ async fn a_flood_of_room_ids_evicts_idle_rooms_and_never_passes_the_limit() {
         let live = gateway.rooms().len();
         assert!(live <= 4, "{live} live rooms past a limit of 4");
     }
-    // Evicted workers are asked to exit and are reaped: they do not pile up.
-    common::wait_for(|| (common::workers_of(gateway.pid()).len() == 4).then_some(()))
-        .unwrap_or_else(|| panic!("workers left: {:?}", common::workers_of(gateway.pid())));
+    // Evicted workers are asked to exit and are reaped: they do not pile up, not even as
+    // zombies. The gateway's children are exactly the four live rooms' workers.
+    common::wait_for(|| (common::children_of(gateway.pid()).len() == 4).then_some(()))
+        .unwrap_or_else(|| panic!("children left: {:?}", common::children_of(gateway.pid())));
+    let zombies = common::zombies_of(gateway.pid());
+    assert!(zombies.is_empty(), "evicted workers left unreaped: {zombies:?}");
+    let listed: std::collections::BTreeSet<u32> =
+        gateway.rooms().iter().filter_map(|r| r["pid"].as_u64()).map(|p| p as u32).collect();
+    assert_eq!(listed.len(), 4, "four live rooms");
+    let workers: std::collections::BTreeSet<u32> =
+        common::workers_of(gateway.pid()).iter().map(|p| p.pid).collect();
+    assert_eq!(workers, listed, "the gateway's workers are the live rooms' workers");
     assert!(gateway.log_contains("evicting an idle room"));
     // The room someone is in was never evicted: same worker, same history.
     assert_eq!(gateway.room_pid("resident"), Some(resident_pid));

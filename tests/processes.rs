@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use common::{is_alive, workers_of, Gateway};
 use nix::sys::signal::Signal;
+use serde_json::json;
 
 /// Starts two rooms and returns their worker pids.
 async fn two_rooms(gateway: &Gateway) -> (common::Client, Vec<u32>) {
@@ -20,7 +21,14 @@ async fn two_rooms(gateway: &Gateway) -> (common::Client, Vec<u32>) {
 fn assert_all_gone(pids: &[u32], within: Duration) {
     let deadline = Instant::now() + within;
     while pids.iter().any(|p| is_alive(*p)) {
-        assert!(Instant::now() < deadline, "room workers outlived the gateway: {pids:?}");
+        if Instant::now() >= deadline {
+            let survivors: Vec<_> = pids.iter().filter_map(|p| common::process(*p)).collect();
+            // Orphans now: nothing else would ever stop them.
+            for survivor in &survivors {
+                common::try_kill9(survivor.pid);
+            }
+            panic!("room workers outlived the gateway: {survivors:?}");
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -56,8 +64,33 @@ async fn sigint_is_a_graceful_shutdown_too() {
 
 #[tokio::test]
 async fn sigkill_of_the_gateway_takes_its_workers_down() {
-    let mut gateway = Gateway::start(&[]);
-    let (_client, pids) = two_rooms(&gateway).await;
+    // An idle worker also exits when its stdin closes with the gateway; one busy in JS never
+    // reads stdin again, so only PR_SET_PDEATHSIG can stop it. Room one spins, with CPU and
+    // call limits far past the test's length.
+    let chat = std::fs::read_to_string(common::chat_script()).expect("the chat script");
+    let opening = "function sendMessage(sender, text) {";
+    assert!(chat.contains(opening), "the chat script changed shape");
+    let script = chat.replace(opening, &format!("{opening}\n  if (text === \"spin\") {{ for (;;) {{}} }}"));
+    let script = common::script_file("spinning-chat.js", &script);
+    let mut gateway = Gateway::start(&[
+        "--room-script",
+        script.to_str().unwrap(),
+        "--js-cpu-ms",
+        "60000",
+        "--call-timeout-ms",
+        "60000",
+        "--hard-timeout-ms",
+        "60000",
+    ]);
+    let mut client = gateway.connect().await;
+    let (join_ref, _) = client.join_ok("room:one").await;
+    client.join_ok("room:two").await;
+    let pids = vec![gateway.wait_room_pid("one"), gateway.wait_room_pid("two")];
+    client.push(Some(&join_ref), "room:one", "send_message", json!({"sender": "kay", "text": "spin"})).await;
+    let spinner = pids[0];
+    common::wait_for(|| common::process(spinner).filter(|p| p.state == 'R').map(|_| ()))
+        .unwrap_or_else(|| panic!("worker {spinner} never started spinning: {:?}", common::process(spinner)));
+
     gateway.signal(Signal::SIGKILL);
     gateway.wait_exit(Duration::from_secs(5));
     // PR_SET_PDEATHSIG kills them; nothing is left running as an orphan.
@@ -83,6 +116,9 @@ async fn without_a_room_worker_binary_the_gateway_runs_itself_as_the_worker() {
     assert_eq!(workers.len(), 1, "{workers:?}");
     assert_eq!(workers[0].pid, pid);
     assert_eq!(workers[0].argv0, "room-worker", "ps shows it as a room worker");
+    // The kernel names it after the executable, not argv[0]: workers_of finds it (and its
+    // zombie, whose argv[0] is gone) by the gateway's own comm.
+    assert_eq!(workers[0].comm, "gateway", "comm is the executable's file name");
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert_eq!(exe, lone, "the worker is the gateway executable itself");
     drop(gateway);
@@ -105,4 +141,13 @@ async fn killed_workers_leave_no_zombies() {
     }
     let zombies: Vec<_> = common::children_of(gateway.pid()).into_iter().filter(|p| p.state == 'Z').collect();
     assert!(zombies.is_empty(), "{zombies:?}");
+}
+
+#[test]
+fn stat_lines_with_odd_command_names_parse() {
+    let parse = common::parse_stat;
+    assert_eq!(parse("42 (room-worker) Z 7 42 42 0 -1"), Some(("room-worker".to_owned(), 'Z', 7)));
+    assert_eq!(parse("42 (a) b (c)) S 7 42 42 0 -1"), Some(("a) b (c)".to_owned(), 'S', 7)));
+    assert_eq!(parse("42 () R 1 0"), Some((String::new(), 'R', 1)));
+    assert_eq!(parse("42 (x"), None);
 }

@@ -162,7 +162,7 @@ async fn a_script_with_a_syntax_error_fails_the_join_without_a_respawn_loop() {
     assert!(reason.contains("(at broken.js:"), "where the error is: {reason}");
 
     // Nothing respawns on its own: the failed worker is reaped and none appears later.
-    assert_no_workers_stay(&gateway).await;
+    assert_no_workers_stay(&gateway, 1).await;
     assert!(gateway.rooms().is_empty());
 
     // Retrying is allowed until the crash-loop limit (5 in 10 s), then the room cools down.
@@ -172,16 +172,26 @@ async fn a_script_with_a_syntax_error_fails_the_join_without_a_respawn_loop() {
         reasons.push(reply["response"]["reason"].as_str().unwrap().to_owned());
     }
     assert_eq!(reasons.last().unwrap(), "room is crash-looping", "{reasons:?}");
-    assert_no_workers_stay(&gateway).await;
+    // One worker for each join that got as far as the script; none for a refused one.
+    let started = reasons.iter().filter(|r| r.as_str() != "room is crash-looping").count();
+    assert_no_workers_stay(&gateway, 1 + started).await;
     // Other rooms are not affected by the cool-down, and the gateway is up.
     assert_eq!(gateway.get_json("/healthz")["status"], "ok");
 }
 
-/// The gateway's workers are all reaped, and none appear in the next 300 ms.
-async fn assert_no_workers_stay(gateway: &Gateway) {
+/// The gateway's workers are all reaped, and it has started exactly `starts` workers in all,
+/// then and over the next 500 ms. Counted from the log, where every spawn leaves a line: a
+/// loop of short-lived workers may never be caught alive in the process table.
+async fn assert_no_workers_stay(gateway: &Gateway, starts: usize) {
     common::wait_for(|| workers_of(gateway.pid()).is_empty().then_some(()))
         .expect("failed workers are reaped");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every start so far came before its join's reply; the log reader may lag a little.
+    common::wait_for(|| (gateway.worker_starts_now() >= starts).then_some(()))
+        .unwrap_or_else(|| panic!("{} workers started, not {starts}", gateway.worker_starts_now()));
+    let before = gateway.worker_starts_now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = gateway.worker_starts_now();
+    assert_eq!((before, after), (starts, starts), "workers started (before, after the wait): one per join");
     assert!(workers_of(gateway.pid()).is_empty(), "a worker was respawned on its own");
 }
 

@@ -341,19 +341,30 @@ pub struct ProcessInfo {
     pub pid: u32,
     pub ppid: u32,
     pub state: char,
+    /// The kernel's name for the process (`comm`): the file name of the executable it ran,
+    /// cut to 15 bytes, whatever argv[0] says. Unlike argv0 it is still there for a zombie.
+    pub comm: String,
+    /// From `/proc/PID/cmdline`; empty for a zombie, whose memory is gone.
     pub argv0: String,
 }
 
 pub fn process(pid: u32) -> Option<ProcessInfo> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may itself contain spaces or parentheses.
-    let after = &stat[stat.rfind(')')? + 2..];
-    let mut fields = after.split(' ');
-    let state = fields.next()?.chars().next()?;
-    let ppid = fields.next()?.parse().ok()?;
+    let (comm, state, ppid) = parse_stat(&stat)?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let argv0 = String::from_utf8_lossy(cmdline.split(|b| *b == 0).next().unwrap_or_default()).into_owned();
-    Some(ProcessInfo { pid, ppid, state, argv0 })
+    Some(ProcessInfo { pid, ppid, state, comm, argv0 })
+}
+
+/// `(comm, state, ppid)` from a `/proc/PID/stat` line, `pid (comm) state ppid ...`. comm may
+/// itself contain spaces and parentheses, so it runs from the first `(` to the last `)`.
+pub fn parse_stat(stat: &str) -> Option<(String, char, u32)> {
+    let (head, after) = stat.rsplit_once(')')?;
+    let (_, comm) = head.split_once('(')?;
+    let mut fields = after.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((comm.to_owned(), state, ppid))
 }
 
 /// Alive means present and not a zombie.
@@ -370,9 +381,25 @@ pub fn children_of(parent: u32) -> Vec<ProcessInfo> {
         .collect()
 }
 
+/// The `comm` of a worker started from the `room-worker` binary beside the gateway.
+pub const WORKER_COMM: &str = "room-worker";
+
 /// Room workers the gateway has started and not yet reaped (zombies included).
+///
+/// Matched on parent and `comm`, not argv[0]: a zombie's cmdline is empty. A worker is the
+/// `room-worker` binary or, when none sits beside the gateway, the gateway's own executable
+/// (run with argv[0] `room-worker`), whose `comm` is the gateway's.
 pub fn workers_of(gateway: u32) -> Vec<ProcessInfo> {
-    children_of(gateway).into_iter().filter(|p| p.argv0.ends_with("room-worker")).collect()
+    let own_comm = process(gateway).map(|p| p.comm);
+    children_of(gateway)
+        .into_iter()
+        .filter(|p| p.comm == WORKER_COMM || own_comm.as_ref() == Some(&p.comm))
+        .collect()
+}
+
+/// Live (not defunct) room workers of the gateway.
+pub fn live_workers_of(gateway: u32) -> Vec<ProcessInfo> {
+    workers_of(gateway).into_iter().filter(|p| p.state != 'Z').collect()
 }
 
 pub fn kill9(pid: u32) {
@@ -423,6 +450,28 @@ impl Gateway {
         self.log.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
     }
 
+    /// Every log line read so far.
+    pub fn log_lines_now(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// How many "room worker started" lines have been read so far: every worker the gateway
+    /// spawned, including any that died before a test could see it in the process table.
+    pub fn worker_starts_now(&self) -> usize {
+        self.log_lines_now().iter().filter(|l| l.contains(WORKER_STARTED)).count()
+    }
+
+    /// Waits (up to [`WAIT`]) for the line that says worker `pid` is gone (logged once it is
+    /// reaped), and returns it. Not the start line, and `pid=12` is not `pid=123`.
+    pub fn worker_exit_line(&self, pid: u32) -> Option<String> {
+        wait_for(|| {
+            self.log_lines_now().into_iter().find(|l| {
+                has_field(l, "pid", pid)
+                    && WORKER_EXITS.iter().any(|exit| l.contains(&format!("room worker {exit}")))
+            })
+        })
+    }
+
     /// Whether the gateway process has not exited.
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()
@@ -471,4 +520,16 @@ pub fn wait_for_within<T>(within: Duration, mut probe: impl FnMut() -> Option<T>
 /// Defunct (state Z) children of `parent`.
 pub fn zombies_of(parent: u32) -> Vec<ProcessInfo> {
     children_of(parent).into_iter().filter(|p| p.state == 'Z').collect()
+}
+
+/// The gateway's log message for a worker it spawned.
+pub const WORKER_STARTED: &str = "room worker started";
+/// How the gateway's "room worker ..." exit messages begin (room::ExitReason's Display).
+const WORKER_EXITS: [&str; 5] =
+    ["shut down on request", "exited unexpectedly", "protocol violation", "unresponsive past", "killed: "];
+
+/// Whether a log line carries the field `name=value` as a whole token.
+pub fn has_field(line: &str, name: &str, value: impl std::fmt::Display) -> bool {
+    let wanted = format!("{name}={value}");
+    line.split_whitespace().any(|token| token == wanted)
 }

@@ -455,16 +455,34 @@ describe("phoenix.js client against one gateway", () => {
   });
 
   t("an unsupported vsn is refused at the upgrade, as Phoenix does", async () => {
+    // The HTTP answer to the upgrade itself: 403, not just any failure to connect.
+    const raw = new WebSocket(`${gw.socketUrl}/websocket?vsn=3.0.0`);
+    const refused = await withTimeout(new Promise((resolve, reject) => {
+      raw.on("unexpected-response", (req, res) => {
+        let body = "";
+        res.setEncoding("utf8");
+        res.on("data", (chunk) => { body += chunk; });
+        res.on("end", () => { resolve({ status: res.statusCode, body }); req.destroy(); });
+      });
+      raw.on("upgrade", (res) => reject(new Error(`the upgrade was accepted (${res.statusCode})`)));
+      raw.on("error", (e) => reject(new Error(`the upgrade failed without an HTTP answer: ${e.message}`)));
+    }), 3000, "the answer to the upgrade");
+    assert.equal(refused.status, 403, `status of the refused upgrade: ${JSON.stringify(refused)}`);
+    assert.match(refused.body, /unsupported vsn/);
+
+    // phoenix.js sends the vsn it is given and sees the same refusal.
     const log = { connections: [], sent: [], received: [], closes: [] };
     const socket = new Socket(gw.socketUrl, { transport: recordingTransport(log), vsn: "3.0.0" });
     openSockets.add(socket);
     let opened = false;
     socket.onOpen(() => { opened = true; });
     const errored = deferred();
-    socket.onError(() => errored.resolve());
+    socket.onError((error) => errored.resolve(error));
     socket.connect();
-    await withTimeout(errored.promise, 3000, "the upgrade to be refused");
+    const error = await withTimeout(errored.promise, 3000, "the upgrade to be refused");
     assert.equal(opened, false);
+    assert.match(log.connections[0].url, /[?&]vsn=3\.0\.0$/);
+    assert.match(String(error && error.message), /Unexpected server response: 403\b/);
   });
 });
 
