@@ -123,3 +123,95 @@ async fn a_flood_of_joins_does_not_wipe_a_room() {
     assert_eq!(history.len(), 100, "the history is intact");
     assert_eq!(history.last().map(|m| m["text"].clone()), Some("still here".into()));
 }
+
+/// The gateway's resident memory, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the gateway's /proc status");
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib / 1024.0
+}
+
+/// A member's round trip (send → its own reply) while something else goes on.
+async fn round_trip_ms(member: &mut common::Client, join_ref: &str, topic: &str) -> f64 {
+    let started = std::time::Instant::now();
+    let reply = member.send_message(join_ref, topic, "member", "ping").await;
+    assert_eq!(reply["status"], "ok", "the normal client is served: {reply}");
+    started.elapsed().as_secs_f64() * 1000.0
+}
+
+#[tokio::test]
+async fn a_socket_that_never_reads_its_replies_is_cut_off_at_its_byte_limit() {
+    let gateway = Gateway::start(&[]);
+    let topic = "room:heavy";
+    let mut member = gateway.connect().await;
+    let (join_ref, _) = member.join_ok(topic).await;
+    fill_with_heavy_messages(&mut member, &join_ref, topic).await;
+    let before = rss_mib(gateway.pid());
+
+    // 150 joins (about 6 KB sent), each answered with a 2.4 MB history it never reads.
+    let mut attacker = gateway.connect_raw().await;
+    for i in 0..150 {
+        use futures_util::SinkExt;
+        let join = serde_json::json!([format!("j{i}"), format!("j{i}"), topic, "phx_join", {}]);
+        let sent =
+            attacker.send(tokio_tungstenite::tungstenite::Message::Text(join.to_string().into())).await;
+        if sent.is_err() {
+            break;
+        }
+    }
+    let mut peak = before;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(rss_mib(gateway.pid()));
+    }
+    let latency = round_trip_ms(&mut member, &join_ref, topic).await;
+    eprintln!("reply amplification: gateway RSS {before:.1} → peak {peak:.1} MiB; member round trip {latency:.1} ms");
+    // 8 MiB may be queued for the socket and about as much sit in its write buffer; the rest
+    // is the replies in flight through the room. Before the byte limit: +390 to +520 MiB.
+    assert!(peak - before < 100.0, "gateway grew {:.1} MiB", peak - before);
+    assert!(gateway.log_contains_now("does not keep up"), "the slow socket was cut off");
+}
+
+#[tokio::test]
+async fn a_ping_flood_closes_the_socket_and_costs_little_memory() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let gateway = Gateway::start(&[]);
+    let topic = "room:quiet";
+    let mut member = gateway.connect().await;
+    let (join_ref, _) = member.join_ok(topic).await;
+    let before = rss_mib(gateway.pid());
+
+    // Pings as fast as the socket takes them for two seconds, never reading a pong.
+    let mut attacker = gateway.connect_raw().await;
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    let mut sent = 0u64;
+    while std::time::Instant::now() < until {
+        if attacker.send(Message::Ping(vec![0u8; 125].into())).await.is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    let peak = rss_mib(gateway.pid());
+    let latency = round_trip_ms(&mut member, &join_ref, topic).await;
+    eprintln!("ping flood: {sent} pings; gateway RSS {before:.1} → {peak:.1} MiB; member round trip {latency:.1} ms");
+    assert!(peak - before < 32.0, "gateway grew {:.1} MiB", peak - before);
+    // The server closed the socket: reading finds its close frame (after the pongs it did
+    // answer) or the connection gone.
+    let closed = tokio::time::timeout(common::WAIT, async {
+        loop {
+            match attacker.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the server closed the flooding socket");
+    assert!(matches!(closed, Some(1008) | None), "closed with {closed:?}");
+}

@@ -65,6 +65,11 @@ pub struct Config {
     #[arg(long, value_parser = ranged::<usize>(1..=1_000_000), env = "ROOMVISOR_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
 
+    /// Bytes queued for one socket before it counts as too slow; a single reply larger than
+    /// this is refused with `reply too large` instead.
+    #[arg(long, value_parser = ranged::<usize>(65_536..=1_073_741_824), env = "ROOMVISOR_OUTBOUND_QUEUE_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub outbound_queue_bytes: usize,
+
     /// Largest IPC frame from a worker; larger is a protocol violation.
     #[arg(long, value_parser = ranged::<usize>(65_536..=1_073_741_824), env = "ROOMVISOR_MAX_IPC_FRAME_BYTES", default_value_t = DEFAULT_MAX_FRAME_BYTES)]
     pub max_ipc_frame_bytes: usize,

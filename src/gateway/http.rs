@@ -37,6 +37,9 @@ async fn index() -> Html<&'static str> {
 
 /// Bytes read from a socket at a time.
 const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Room above the outbound byte limit for tungstenite's own write buffer: one flush's worth
+/// (its default write buffer is 128 KiB) and the frames' headers.
+const WRITE_BUFFER_SLACK: usize = 256 * 1024;
 
 async fn websocket(
     State(state): State<AppState>,
@@ -64,6 +67,9 @@ async fn websocket(
         // idle socket cost ~146 KiB of gateway RSS (loadgen `idle`). Chat frames are small;
         // the buffer still grows to fit a larger frame, up to the limit above.
         .read_buffer_size(READ_BUFFER_BYTES)
+        // What tungstenite buffers for writing (frames the writer handed over, pongs it queued
+        // itself) is bounded too: past it the socket fails and closes instead of growing.
+        .max_write_buffer_size(config.outbound_queue_bytes.saturating_add(WRITE_BUFFER_SLACK))
         // phoenix.js offers the `phoenix` subprotocol (beside its token) when given an
         // `authToken`; a browser drops a handshake whose answer selects none of those offered.
         .protocols(["phoenix"])

@@ -10,4 +10,4 @@ pub use frame::{
     PHX_CLOSE, PHX_JOIN, PHX_LEAVE, PHX_REPLY, ROOM_RESET,
 };
 pub use rate::TokenBucket;
-pub use writer::{write_batch, write_frames, Closing, Outbox};
+pub use writer::{write_batch, write_frames, Closing, Outbox, OutboxReceiver};

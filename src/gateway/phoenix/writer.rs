@@ -3,40 +3,99 @@
 //! reading fills its queue and is disconnected instead of stalling anyone who broadcasts to
 //! it.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::SplitSink;
 use futures_util::SinkExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-/// A socket's bounded outbound queue.
+/// A socket's outbound queue, bounded in frames and in bytes. Everyone who sends to the socket
+/// holds a clone; nobody waits on it.
 #[derive(Clone, Debug)]
 pub struct Outbox {
     frames: mpsc::Sender<Utf8Bytes>,
     overflowed: CancellationToken,
+    queued_bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
+}
+
+/// The writer's end of an [`Outbox`].
+#[derive(Debug)]
+pub struct OutboxReceiver {
+    frames: mpsc::Receiver<Utf8Bytes>,
+    queued_bytes: Arc<AtomicUsize>,
 }
 
 impl Outbox {
-    pub fn new(capacity: usize) -> (Outbox, mpsc::Receiver<Utf8Bytes>) {
-        let (frames, receiver) = mpsc::channel(capacity.max(1));
-        (Outbox { frames, overflowed: CancellationToken::new() }, receiver)
+    /// A queue bounded in frames only (for tests and tools that read every frame).
+    pub fn new(capacity: usize) -> (Outbox, OutboxReceiver) {
+        Outbox::bounded(capacity, usize::MAX)
     }
 
-    /// Queues a frame without waiting. A full queue marks the socket as too slow.
+    /// A queue of at most `capacity` frames and `max_bytes` bytes.
+    pub fn bounded(capacity: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
+        let (frames, receiver) = mpsc::channel(capacity.max(1));
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let outbox = Outbox {
+            frames,
+            overflowed: CancellationToken::new(),
+            queued_bytes: queued_bytes.clone(),
+            max_bytes,
+        };
+        (outbox, OutboxReceiver { frames: receiver, queued_bytes })
+    }
+
+    /// Queues a frame without waiting. A full queue (in frames or bytes) marks the socket as
+    /// too slow.
     pub fn send(&self, frame: Utf8Bytes) -> bool {
+        let size = frame.len();
+        let before = self.queued_bytes.fetch_add(size, Ordering::AcqRel);
+        if before.saturating_add(size) > self.max_bytes {
+            self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+            self.overflowed.cancel();
+            return false;
+        }
         match self.frames.try_send(frame) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.overflowed.cancel();
+            Err(e) => {
+                self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+                if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                    self.overflowed.cancel();
+                }
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
+    }
+
+    /// Queues a reply, or `refusal()` in its place when the reply alone is larger than the
+    /// queue may ever hold: a client asking for too much hears so instead of being cut off.
+    pub fn send_reply(&self, reply: Utf8Bytes, refusal: impl FnOnce() -> Utf8Bytes) -> bool {
+        if reply.len() > self.max_bytes {
+            return self.send(refusal());
+        }
+        self.send(reply)
     }
 
     /// Cancelled once a frame could not be queued.
     pub fn overflowed(&self) -> &CancellationToken {
         &self.overflowed
+    }
+}
+
+impl OutboxReceiver {
+    pub async fn recv(&mut self) -> Option<Utf8Bytes> {
+        let frame = self.frames.recv().await?;
+        self.queued_bytes.fetch_sub(frame.len(), Ordering::AcqRel);
+        Some(frame)
+    }
+
+    pub fn try_recv(&mut self) -> Option<Utf8Bytes> {
+        let frame = self.frames.try_recv().ok()?;
+        self.queued_bytes.fetch_sub(frame.len(), Ordering::AcqRel);
+        Some(frame)
     }
 }
 
@@ -47,7 +106,7 @@ pub type Closing = Option<CloseFrame>;
 /// goes out after nothing but the batch in progress.
 pub async fn write_frames(
     mut sink: SplitSink<WebSocket, Message>,
-    mut outbound: mpsc::Receiver<Utf8Bytes>,
+    mut outbound: OutboxReceiver,
     mut close: oneshot::Receiver<Closing>,
 ) {
     loop {
@@ -61,7 +120,7 @@ pub async fn write_frames(
             }
             frame = outbound.recv() => match frame {
                 Some(frame) => {
-                    if write_batch(&mut sink, frame, || outbound.try_recv().ok()).await.is_err() {
+                    if write_batch(&mut sink, frame, || outbound.try_recv()).await.is_err() {
                         break;
                     }
                 }
@@ -93,4 +152,29 @@ pub async fn write_batch(
         }
     }
     sink.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_bytes_and_frees_what_the_writer_takes() {
+        let (outbox, mut frames) = Outbox::bounded(100, 10);
+        assert!(outbox.send(Utf8Bytes::from_static("12345")));
+        assert!(outbox.send(Utf8Bytes::from_static("12345")));
+        assert!(!outbox.overflowed().is_cancelled());
+        assert_eq!(frames.recv().await.as_ref().map(Utf8Bytes::as_str), Some("12345"));
+        assert!(outbox.send(Utf8Bytes::from_static("123")), "taken frames no longer count");
+        assert!(!outbox.send(Utf8Bytes::from_static("123")), "5 + 3 + 3 bytes is over 10");
+        assert!(outbox.overflowed().is_cancelled(), "the slow socket is flagged");
+    }
+
+    #[test]
+    fn a_reply_larger_than_the_queue_is_refused_instead() {
+        let (outbox, mut frames) = Outbox::bounded(100, 10);
+        assert!(outbox.send_reply(Utf8Bytes::from_static("far too large"), || Utf8Bytes::from_static("no")));
+        assert_eq!(frames.try_recv().as_ref().map(Utf8Bytes::as_str), Some("no"));
+        assert!(!outbox.overflowed().is_cancelled());
+    }
 }

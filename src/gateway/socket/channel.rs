@@ -12,6 +12,9 @@ use crate::gateway::phoenix::{self, Frame, Outbox, Reply};
 use crate::gateway::pubsub::{PubSub, SubscriptionId};
 use crate::gateway::rooms::RoomId;
 
+/// The reason given for a reply that would not fit in the socket's outbound queue.
+const REPLY_TOO_LARGE: &str = "reply too large";
+
 /// The socket's subscription to a joined topic. It ends when the connection forgets the
 /// channel (replaced by a new join, ended, or the socket closed), even while that channel's
 /// task still waits on its room: a replaced join must not deliver broadcasts a second time.
@@ -53,7 +56,7 @@ impl Channel {
                     break;
                 }
                 let reply = self.handle(&frame).await;
-                self.outbox.send(reply);
+                self.outbox.send_reply(reply, || frame.reply_error(REPLY_TOO_LARGE));
             }
         }
         // Frames the connection routed here before it heard that this channel ended (they
@@ -86,7 +89,7 @@ impl Channel {
         };
         match reply {
             Ok(reply) => {
-                self.outbox.send(reply);
+                self.outbox.send_reply(reply, || join.reply_error(REPLY_TOO_LARGE));
                 true
             }
             Err(reason) => {

@@ -7,6 +7,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::channel::{Channel, ChannelEnded, Subscription};
@@ -49,6 +50,18 @@ pub(super) struct Connection {
     /// Frames refused by the rate limit since the last one let through.
     rate_limited: u64,
     malformed: u32,
+    /// Every channel task still running, replaced ones included.
+    tasks: HashMap<u64, AbortHandle>,
+}
+
+/// A connection that ends takes its channel tasks with it: calls they still wait on lose
+/// their caller, so the room drops them unrun instead of computing replies nobody reads.
+impl Drop for Connection {
+    fn drop(&mut self) {
+        for task in self.tasks.values() {
+            task.abort();
+        }
+    }
 }
 
 impl Connection {
@@ -67,6 +80,7 @@ impl Connection {
             rate,
             rate_limited: 0,
             malformed: 0,
+            tasks: HashMap::new(),
         }
     }
 
@@ -90,12 +104,17 @@ impl Connection {
                     return closing(close_code::NORMAL, "idle timeout");
                 }
                 Some(ChannelEnded { topic, id }) = ended.recv() => {
+                    self.tasks.remove(&id);
                     if self.channels.get(&topic).is_some_and(|c| c.id == id) {
                         self.channels.remove(&topic);
                     }
                 }
                 message = stream.next() => {
-                    idle_deadline = Instant::now() + idle_timeout;
+                    // Control frames neither keep a socket alive (a Phoenix client proves it is
+                    // there with heartbeats) nor go uncounted: each answered ping queues a pong.
+                    if matches!(message, Some(Ok(Message::Text(_) | Message::Binary(_)))) {
+                        idle_deadline = Instant::now() + idle_timeout;
+                    }
                     match message {
                         Some(Ok(Message::Text(text))) => {
                             if let Some(close) = self.on_text(text.as_str()) {
@@ -107,7 +126,12 @@ impl Connection {
                                 return close;
                             }
                         }
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
+                            if !self.rate.take() {
+                                tracing::info!("closing a socket that floods control frames");
+                                return closing(close_code::POLICY, "rate limited");
+                            }
+                        }
                         Some(Ok(Message::Close(_))) | None => return None,
                         Some(Err(e)) => return on_read_error(e),
                     }
@@ -205,11 +229,12 @@ impl Connection {
             subscription_id,
         };
         let ended = self.ended_tx.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let topic = channel.topic.clone();
             channel.run(frame, frames).await;
             let _ = ended.send(ChannelEnded { topic, id }).await;
         });
+        self.tasks.insert(id, task.abort_handle());
     }
 
     fn route(&mut self, frame: Frame) {

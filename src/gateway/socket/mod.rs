@@ -37,7 +37,7 @@ pub struct SocketContext {
 /// Serves one upgraded connection until either side closes it.
 pub async fn serve(socket: WebSocket, ctx: SocketContext) {
     let (sink, stream) = socket.split();
-    let (outbox, outbound) = Outbox::new(ctx.config.outbound_queue);
+    let (outbox, outbound) = Outbox::bounded(ctx.config.outbound_queue, ctx.config.outbound_queue_bytes);
     let (close_tx, close_rx) = oneshot::channel();
     let writer = tokio::spawn(write_frames(sink, outbound, close_rx));
     let (ended_tx, ended_rx) = mpsc::channel(16);
