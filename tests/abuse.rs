@@ -215,3 +215,39 @@ async fn a_ping_flood_closes_the_socket_and_costs_little_memory() {
     .expect("the server closed the flooding socket");
     assert!(matches!(closed, Some(1008) | None), "closed with {closed:?}");
 }
+
+/// The status of a WebSocket upgrade sent with exactly these `Host` and `Origin` headers.
+fn upgrade_status(gateway: &Gateway, host: &str, origin: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(gateway.addr).expect("connect");
+    stream.set_read_timeout(Some(common::WAIT)).expect("a read timeout");
+    let request = format!(
+        "GET /socket/websocket?vsn=2.0.0 HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\n\
+         Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).expect("send the request");
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).expect("a status line");
+    let line = String::from_utf8_lossy(&head).into_owned();
+    line[9..12].parse().unwrap_or_else(|_| panic!("no status in {line:?}"))
+}
+
+#[test]
+fn a_rebound_host_name_or_a_foreign_scheme_cannot_open_a_socket() {
+    let gateway = Gateway::start(&[]);
+    let port = gateway.addr.port();
+    // DNS rebinding: the attacker's page, its name now resolving to 127.0.0.1, sends a Host
+    // header that matches its own Origin.
+    let evil = format!("evil.example:{port}");
+    assert_eq!(upgrade_status(&gateway, &evil, &format!("http://{evil}")), 403);
+    for scheme in ["ftp", "file", "chrome-extension"] {
+        let own = format!("{scheme}://127.0.0.1:{port}");
+        assert_eq!(upgrade_status(&gateway, &format!("127.0.0.1:{port}"), &own), 403, "{own}");
+    }
+    for own in [format!("http://localhost:{port}"), format!("http://127.0.0.1:{port}")] {
+        assert_eq!(upgrade_status(&gateway, &format!("localhost:{port}"), &own), 101, "{own}");
+    }
+    let listed = Gateway::start(&["--allowed-origin", "https://chat.example"]);
+    assert_eq!(upgrade_status(&listed, "chat.example", "https://chat.example"), 101);
+}

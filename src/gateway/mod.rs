@@ -7,6 +7,7 @@ pub(crate) mod cluster;
 pub mod config;
 mod http;
 pub mod ids;
+mod origin;
 pub mod phoenix;
 pub mod pubsub;
 pub mod rooms;
@@ -94,6 +95,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
             shutdown: shutdown.clone(),
         },
         cluster,
+        origins: origin::OriginPolicy::new(address, &config.allowed_origins),
         connections: connections.clone(),
     };
 
