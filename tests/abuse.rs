@@ -251,3 +251,99 @@ fn a_rebound_host_name_or_a_foreign_scheme_cannot_open_a_socket() {
     let listed = Gateway::start(&["--allowed-origin", "https://chat.example"]);
     assert_eq!(upgrade_status(&listed, "chat.example", "https://chat.example"), 101);
 }
+
+#[tokio::test]
+async fn slow_request_heads_cannot_take_the_gateway_from_everyone_else() {
+    // 256 descriptors, as a small container might give; the gateway cannot raise it.
+    let wrapper = script_file(
+        "gateway-256-fds.sh",
+        &format!("#!/bin/sh\nulimit -n 256\nexec {} \"$@\"\n", env!("CARGO_BIN_EXE_gateway")),
+    );
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let gateway = Gateway::start_binary(&wrapper, &["--request-head-timeout-ms", "1500"]);
+    assert!(gateway.log_contains("256 open files"), "the gateway runs under the small limit");
+    let before = rss_mib(gateway.pid());
+
+    // 600 connections that each send a request head one byte at a time, and never finish.
+    let mut slow = Vec::new();
+    for _ in 0..600 {
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(gateway.addr).await {
+            use tokio::io::AsyncWriteExt;
+            let _ = stream.write_all(b"G").await;
+            slow.push(stream);
+        }
+    }
+    // Everyone else is still served: a health check, a socket, a new room's worker.
+    let (status, _) = common::http_get(gateway.addr, "/healthz", &[]);
+    assert_eq!(status, 200, "the health check is answered");
+    let mut member = gateway.connect().await;
+    let (join_ref, _) = member.join_ok("room:fresh").await;
+    let latency = round_trip_ms(&mut member, &join_ref, "room:fresh").await;
+    eprintln!(
+        "slow heads: gateway RSS {before:.1} → {:.1} MiB; member round trip {latency:.1} ms",
+        rss_mib(gateway.pid())
+    );
+    assert!(!gateway.log_contains_now("Too many open files"), "no descriptor ran out");
+
+    // Past the deadline every slow connection has been closed by the gateway.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut still_open = 0;
+    for stream in &mut slow {
+        use tokio::io::AsyncReadExt;
+        let mut byte = [0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(20), stream.read(&mut byte)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {}
+            Ok(Ok(_)) => {} // an error response, then the close
+            Err(_) => still_open += 1,
+        }
+    }
+    assert_eq!(still_open, 0, "slow connections outlived the request head deadline");
+}
+
+#[tokio::test]
+async fn one_address_holds_only_its_share_of_sockets() {
+    let gateway = Gateway::start(&["--max-sockets-per-address", "3"]);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(gateway.connect().await);
+    }
+    let url = format!("ws://{}/socket/websocket?vsn=2.0.0", gateway.addr);
+    match tokio_tungstenite::connect_async(url.as_str()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 429),
+        other => panic!("a fourth socket from the same address: {:?}", other.map(|_| "connected")),
+    }
+    let (_, history) = held[0].join_ok("room:shared").await;
+    assert!(history.is_empty(), "the sockets it holds still work");
+    // A closed socket frees its place (the server sees the close a moment later).
+    held.pop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut replacement = gateway.connect().await;
+    replacement.join_ok("room:shared").await;
+}
+
+/// An address of this machine other than loopback, if it has one.
+fn non_loopback_address() -> Option<std::net::IpAddr> {
+    // Connecting a UDP socket sends nothing; it only picks the route and so the source address.
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("10.255.255.255:9").ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[test]
+fn the_rooms_api_answers_this_machine_and_token_holders_only() {
+    let Some(ip) = non_loopback_address() else {
+        eprintln!(
+            "SKIPPED: the_rooms_api_answers_this_machine_and_token_holders_only: no non-loopback address"
+        );
+        return;
+    };
+    let gateway = Gateway::start(&["--bind", "0.0.0.0", "--api-token", "s3cret"]);
+    let remote = std::net::SocketAddr::new(ip, gateway.addr.port());
+    let local = std::net::SocketAddr::from(([127, 0, 0, 1], gateway.addr.port()));
+    assert_eq!(common::http_get(local, "/api/rooms", &[]).0, 200, "this machine");
+    assert_eq!(common::http_get(remote, "/api/rooms", &[]).0, 403, "another address without the token");
+    assert_eq!(common::http_get(remote, "/api/rooms", &[("Authorization", "Bearer wrong")]).0, 403);
+    assert_eq!(common::http_get(remote, "/api/rooms", &[("Authorization", "Bearer s3cret")]).0, 200);
+    assert_eq!(common::http_get(remote, "/healthz", &[]).0, 200, "the health check stays open");
+}

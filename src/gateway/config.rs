@@ -74,7 +74,26 @@ pub struct Config {
     #[arg(long, value_parser = ranged::<usize>(65_536..=1_073_741_824), env = "ROOMVISOR_MAX_IPC_FRAME_BYTES", default_value_t = DEFAULT_MAX_FRAME_BYTES)]
     pub max_ipc_frame_bytes: usize,
 
-    /// Origins allowed to open a WebSocket besides the request's own host (repeatable).
+    /// Open connections at most; past it new connections are closed at once. Default: as
+    /// many as the open-files limit holds beside the room workers.
+    #[arg(long, value_parser = ranged::<usize>(2..=10_000_000), env = "ROOMVISOR_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// WebSockets one client address may hold open; past it upgrades get 429.
+    #[arg(long, value_parser = ranged::<usize>(1..=10_000_000), env = "ROOMVISOR_MAX_SOCKETS_PER_ADDRESS", default_value_t = 256)]
+    pub max_sockets_per_address: usize,
+
+    /// `GET /api/rooms` answers this machine only, and anyone sending
+    /// `Authorization: Bearer <token>` when a token is set.
+    #[arg(long, env = "ROOMVISOR_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+
+    /// A connection must send its whole request head within this time.
+    #[arg(long, value_parser = ranged::<u64>(100..=600_000), env = "ROOMVISOR_REQUEST_HEAD_TIMEOUT_MS", default_value_t = 10_000)]
+    pub request_head_timeout_ms: u64,
+
+    /// Origins allowed to open a WebSocket besides the gateway's own (http and https on
+    /// localhost, 127.0.0.1, [::1] and the bound address, at the bound port); repeatable.
     #[arg(long = "allowed-origin", env = "ROOMVISOR_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
@@ -178,6 +197,10 @@ impl Config {
 
     pub fn cluster_lease(&self) -> Duration {
         Duration::from_millis(self.cluster_lease_ms)
+    }
+
+    pub fn request_head_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_head_timeout_ms)
     }
 
     pub fn shutdown_grace(&self) -> Duration {

@@ -1,7 +1,9 @@
 //! HTTP routes: the chat page, the Phoenix WebSocket endpoint, and the operator API.
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{RawQuery, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -11,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use super::cluster::Cluster;
 use super::origin::OriginPolicy;
+use super::quota::SocketsPerAddress;
 use super::socket::{self, SocketContext};
 
 const INDEX_HTML: &str = include_str!("../../static/index.html");
@@ -20,6 +23,9 @@ pub struct AppState {
     pub socket: SocketContext,
     pub cluster: Option<Cluster>,
     pub origins: OriginPolicy,
+    pub sockets_per_address: SocketsPerAddress,
+    /// With it, `/api/rooms` also answers requests from other machines that present it.
+    pub api_token: Option<String>,
     /// Upgraded connections outlive their HTTP request; shutdown waits for them here.
     pub connections: TaskTracker,
 }
@@ -45,6 +51,7 @@ const WRITE_BUFFER_SLACK: usize = 256 * 1024;
 
 async fn websocket(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
@@ -60,6 +67,10 @@ async fn websocket(
         tracing::warn!(origin, "refused a WebSocket upgrade from a foreign origin");
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
+    let Some(pass) = state.sockets_per_address.admit(peer.ip()) else {
+        tracing::warn!(peer = %peer.ip(), "refused a WebSocket upgrade: too many sockets from one address");
+        return (StatusCode::TOO_MANY_REQUESTS, "too many sockets from this address").into_response();
+    };
     let limit = config.max_frame_bytes;
     let context = state.socket.clone();
     let connections = state.connections.clone();
@@ -76,7 +87,12 @@ async fn websocket(
         // phoenix.js offers the `phoenix` subprotocol (beside its token) when given an
         // `authToken`; a browser drops a handshake whose answer selects none of those offered.
         .protocols(["phoenix"])
-        .on_upgrade(move |ws| connections.track_future(socket::serve(ws, context)))
+        .on_upgrade(move |ws| {
+            connections.track_future(async move {
+                socket::serve(ws, context).await;
+                drop(pass);
+            })
+        })
 }
 
 /// Only the v2 serializer is spoken. Like Phoenix, a client asking for another version is
@@ -91,12 +107,35 @@ fn check_vsn(query: Option<&str>) -> Result<(), String> {
     }
 }
 
-async fn rooms(State(state): State<AppState>) -> impl IntoResponse {
+/// Every room and its worker's pid: for operators, so only from this machine or with the
+/// `--api-token`.
+async fn rooms(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "));
+    let token_ok =
+        matches!((&state.api_token, presented), (Some(token), Some(given)) if same_secret(token, given));
+    if !peer.ip().is_loopback() && !token_ok {
+        tracing::warn!(peer = %peer.ip(), "refused /api/rooms to a remote client without the API token");
+        return (StatusCode::FORBIDDEN, "the rooms API is for operators").into_response();
+    }
     let supervisor = &state.socket.supervisor;
     match &state.cluster {
-        Some(cluster) => Json(cluster.rooms(supervisor).await),
-        None => Json(supervisor.rooms()),
+        Some(cluster) => Json(cluster.rooms(supervisor).await).into_response(),
+        None => Json(supervisor.rooms()).into_response(),
     }
+}
+
+/// Compares without stopping at the first difference, so timing does not reveal how much of a
+/// guess was right.
+fn same_secret(expected: &str, given: &str) -> bool {
+    expected.len() == given.len()
+        && expected.bytes().zip(given.bytes()).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
 }
 
 /// 200 with `"status": "ok"` when ready; 503 while shutting down or, in a cluster, while NATS
@@ -132,5 +171,12 @@ mod tests {
         assert!(check_vsn(None).is_ok());
         assert_eq!(check_vsn(Some("vsn=1.0.0")), Err("1.0.0".to_owned()));
         assert_eq!(check_vsn(Some("a=1&vsn=3.0.0")), Err("3.0.0".to_owned()));
+    }
+
+    #[test]
+    fn secrets_match_only_exactly() {
+        assert!(same_secret("s3cret", "s3cret"));
+        assert!(!same_secret("s3cret", "s3cre"));
+        assert!(!same_secret("s3cret", "s3creT"));
     }
 }

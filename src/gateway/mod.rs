@@ -7,9 +7,11 @@ pub(crate) mod cluster;
 pub mod config;
 mod http;
 pub mod ids;
+mod listener;
 mod origin;
 pub mod phoenix;
 pub mod pubsub;
+mod quota;
 pub mod rooms;
 mod shutdown;
 mod socket;
@@ -19,7 +21,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
@@ -64,6 +65,13 @@ pub fn main() -> ExitCode {
 /// Serves until SIGTERM or SIGINT, then closes sockets with 1001, stops every worker, and
 /// returns.
 pub async fn run(config: Config) -> std::io::Result<()> {
+    let open_files = listener::raise_open_files_limit();
+    let limits = listener::ConnectionLimits::new(
+        config.max_connections,
+        open_files,
+        config.max_rooms,
+        config.request_head_timeout(),
+    );
     let listener = TcpListener::bind((config.bind, config.port)).await?;
     let address = listener.local_addr()?;
     let config = Arc::new(config);
@@ -96,29 +104,29 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         },
         cluster,
         origins: origin::OriginPolicy::new(address, &config.allowed_origins),
+        sockets_per_address: quota::SocketsPerAddress::new(config.max_sockets_per_address),
+        api_token: config.api_token.clone(),
         connections: connections.clone(),
     };
 
     // Tests and scripts read this line to learn the port when started with --port 0.
     println!("roomvisor gateway listening on http://{address}");
-    tracing::info!(pid = std::process::id(), "listening on http://{address}");
+    tracing::info!(
+        pid = std::process::id(),
+        "listening on http://{address} (at most {} connections, {} open files)",
+        limits.max_connections,
+        open_files
+    );
 
     let trigger = shutdown.clone();
-    // Chat frames are small and latency-bound: without TCP_NODELAY, Nagle's algorithm meets
-    // the client's delayed ACK and a reply can wait ~40 ms.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {e}");
-        }
-    });
-    let serving = axum::serve(listener, http::router(state)).with_graceful_shutdown(async move {
+    tokio::spawn(async move {
         match termination_signal().await {
             Ok(signal) => tracing::info!("{signal} received; shutting down"),
             Err(e) => tracing::error!("cannot listen for signals ({e}); shutting down"),
         }
         trigger.trigger();
     });
-    let served = serving.await;
+    listener::serve(listener, http::router(state), limits, shutdown.clone(), connections.clone()).await;
 
     shutdown.trigger();
     connections.close();
@@ -131,5 +139,5 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     };
     tokio::join!(sockets_closed, supervisor.shutdown(config.shutdown_grace()));
     tracing::info!("gateway stopped");
-    served
+    Ok(())
 }

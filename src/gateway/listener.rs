@@ -1,0 +1,246 @@
+//! The accept loop: what a connection may hold before it has said anything useful.
+//!
+//! Every connection takes one of a fixed number of slots, sized from the descriptors the
+//! process may open with some held back, so that room workers (three pipes each) and the
+//! log still get descriptors when the slots are gone; past the cap a connection is closed at
+//! once. A connection that has not finished its request head has a deadline to finish it,
+//! and at most half the slots may be such connections: past that, the one waiting longest
+//! is dropped to make room. A real client sends its head in a moment, so slow-header
+//! clients only ever evict each other, and `/healthz`, new sockets and room starts keep
+//! working. Each request carries its peer's address (`ConnectInfo`), for per-address limits
+//! and the operator API.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+use crate::gateway::shutdown::Shutdown;
+use crate::util::LockExt;
+
+/// Descriptors kept out of the connection slots: the listener, logs, pipes of workers being
+/// spawned, NATS, and slack.
+const RESERVED_FDS: u64 = 64;
+/// A failed accept (out of descriptors, most likely) is retried after this pause rather than
+/// in a hot loop.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// How many connections, and how many of them still reading their request head.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub max_pending_heads: usize,
+    pub head_timeout: Duration,
+}
+
+impl ConnectionLimits {
+    /// `wanted` connections if the operator named a number; otherwise as many as the
+    /// descriptor limit holds once the reserve and the room workers' pipes (three per room,
+    /// up to half of what is left) are set aside. Half of them may be still sending a head.
+    pub fn new(
+        wanted: Option<usize>,
+        open_files: u64,
+        max_rooms: usize,
+        head_timeout: Duration,
+    ) -> ConnectionLimits {
+        let usable = open_files.saturating_sub(RESERVED_FDS);
+        let for_rooms = (3 * max_rooms as u64).min(usable / 2);
+        let fitting = usize::try_from(usable - for_rooms).unwrap_or(usize::MAX);
+        let max_connections = wanted.unwrap_or(fitting).max(2);
+        if max_connections > fitting {
+            tracing::warn!(
+                "--max-connections {max_connections} is more than {fitting}, what {open_files} open files \
+                 hold beside the room workers: past it, starting rooms may fail"
+            );
+        }
+        ConnectionLimits { max_connections, max_pending_heads: (max_connections / 2).max(1), head_timeout }
+    }
+}
+
+/// Raises the soft limit on open descriptors to the hard limit (a socket is a descriptor;
+/// the usual soft limit of 1,024 would cap the gateway far below what it can serve) and
+/// returns the limit now in force.
+pub fn raise_open_files_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!("cannot raise the open-files limit from {soft} to {hard}: {e}");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(e) => {
+            tracing::warn!("cannot read the open-files limit: {e}");
+            1024
+        }
+    }
+}
+
+/// Connections still sending their request head, oldest first.
+struct PendingHeads {
+    max: usize,
+    next_id: u64,
+    waiting: BTreeMap<u64, CancellationToken>,
+}
+
+impl PendingHeads {
+    /// Registers a new connection, dropping the one waiting longest if the table is full.
+    fn admit(&mut self) -> (u64, CancellationToken) {
+        if self.waiting.len() >= self.max {
+            if let Some((_, oldest)) = self.waiting.pop_first() {
+                oldest.cancel();
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let dropped = CancellationToken::new();
+        self.waiting.insert(id, dropped.clone());
+        (id, dropped)
+    }
+}
+
+/// A connection's place in [`PendingHeads`], given up when its first head arrives or it ends.
+struct HeadPending {
+    table: Arc<Mutex<PendingHeads>>,
+    id: u64,
+}
+
+impl Drop for HeadPending {
+    fn drop(&mut self) {
+        self.table.lock_or_recover().waiting.remove(&self.id);
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown`; connections are tracked in `connections`
+/// so the caller can wait for them.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    shutdown: Shutdown,
+    connections: TaskTracker,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let pending = Arc::new(Mutex::new(PendingHeads {
+        max: limits.max_pending_heads,
+        next_id: 0,
+        waiting: BTreeMap::new(),
+    }));
+    let mut refused: u64 = 0;
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = shutdown.wait() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!("accepting a connection failed: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Closed at once: the client learns now, and the descriptor is free again.
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(peer = %peer, refused, "at the connection limit; refusing connections");
+            }
+            drop(tcp);
+            continue;
+        };
+        let (id, dropped) = pending.lock_or_recover().admit();
+        let head = HeadPending { table: pending.clone(), id };
+        let connection = Connection { tcp, peer, slot, head, dropped };
+        connections.spawn(serve_connection(
+            connection,
+            router.clone(),
+            limits.head_timeout,
+            shutdown.clone(),
+        ));
+    }
+}
+
+/// An accepted connection and what it holds.
+struct Connection {
+    tcp: TcpStream,
+    peer: SocketAddr,
+    slot: OwnedSemaphorePermit,
+    head: HeadPending,
+    /// Cancelled when newer connections need its place while it still has sent no head.
+    dropped: CancellationToken,
+}
+
+async fn serve_connection(
+    connection: Connection,
+    router: Router,
+    head_timeout: Duration,
+    shutdown: Shutdown,
+) {
+    let Connection { tcp, peer, slot: _slot, head, dropped } = connection;
+    // Chat frames are small and latency-bound: without TCP_NODELAY, Nagle's algorithm meets
+    // the client's delayed ACK and a reply can wait ~40 ms.
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!("cannot set TCP_NODELAY: {e}");
+    }
+    let head = Arc::new(Mutex::new(Some(head)));
+    let head_arrived = {
+        let head = head.clone();
+        move || {
+            head.lock_or_recover().take();
+        }
+    };
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        head_arrived();
+        request.extensions_mut().insert(ConnectInfo(peer));
+        router.clone().oneshot(request)
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(head_timeout);
+    let served = builder.serve_connection(TokioIo::new(tcp), service).with_upgrades();
+    tokio::pin!(served);
+    tokio::select! {
+        outcome = served.as_mut() => {
+            if let Err(e) = outcome {
+                tracing::debug!(peer = %peer, "connection ended: {e}");
+            }
+        }
+        // Only a connection that never finished a head is ever asked to make room.
+        () = dropped.cancelled(), if head.lock_or_recover().is_some() => {
+            tracing::debug!(peer = %peer, "dropped a connection still sending its request head");
+        }
+        () = shutdown.wait() => {
+            // Requests in progress finish; an idle keep-alive connection closes now.
+            served.as_mut().graceful_shutdown();
+            let _ = served.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_get_the_descriptors_the_rooms_do_not_need() {
+        let second = Duration::from_secs(1);
+        let tight = ConnectionLimits::new(None, 256, 1024, second);
+        assert_eq!((tight.max_connections, tight.max_pending_heads), (96, 48), "rooms take half at most");
+        let usual = ConnectionLimits::new(None, 20_000, 1024, second);
+        assert_eq!(usual.max_connections, 20_000 - 64 - 3 * 1024);
+        let named = ConnectionLimits::new(Some(15_000), 20_000, 100_000, second);
+        assert_eq!(named.max_connections, 15_000, "the operator's number stands");
+        assert!(ConnectionLimits::new(None, 10, 1024, second).max_connections >= 2);
+    }
+}
