@@ -347,3 +347,56 @@ fn the_rooms_api_answers_this_machine_and_token_holders_only() {
     assert_eq!(common::http_get(remote, "/api/rooms", &[("Authorization", "Bearer s3cret")]).0, 200);
     assert_eq!(common::http_get(remote, "/healthz", &[]).0, 200, "the health check stays open");
 }
+
+#[tokio::test]
+async fn a_few_sockets_cannot_pin_the_room_limit() {
+    let gateway = Gateway::start(&["--max-rooms", "20", "--max-rooms-started-per-socket", "3"]);
+    let mut attackers = Vec::new();
+    for a in 0..5 {
+        let mut attacker = gateway.connect().await;
+        let mut started = 0;
+        for r in 0..10 {
+            let (_, reply) = attacker.join(&format!("room:pin-{a}-{r}")).await;
+            match reply["status"].as_str() {
+                Some("ok") => started += 1,
+                _ => assert_eq!(reply["response"]["reason"], "too many rooms started by this socket"),
+            }
+        }
+        assert_eq!(started, 3, "each socket starts its share and no more");
+        attackers.push(attacker);
+    }
+    let mut member = gateway.connect().await;
+    let (join_ref, _) = member.join_ok("room:mine").await;
+    let reply = member.send_message(&join_ref, "room:mine", "member", "hello").await;
+    assert_eq!(reply["status"], "ok");
+    // Joining a room that runs already is free.
+    attackers[0].join_ok("room:mine").await;
+}
+
+async fn join_and_leave(client: &mut common::Client, topic: &str) {
+    let (join_ref, _) = client.join_ok(topic).await;
+    let leave = client.push(Some(&join_ref), topic, "phx_leave", serde_json::json!({})).await;
+    assert_eq!(client.reply_to(&leave).await["status"], "ok");
+}
+
+#[tokio::test]
+async fn a_room_another_client_used_lately_outlasts_one_clients_new_rooms() {
+    let gateway = Gateway::start(&["--max-rooms", "4", "--max-rooms-started-per-socket", "100"]);
+    let mut creator = gateway.connect().await;
+    let (join_ref, _) = creator.join_ok("room:keep").await;
+    assert_eq!(creator.send_message(&join_ref, "room:keep", "ann", "remember me").await["status"], "ok");
+    let leave = creator.push(Some(&join_ref), "room:keep", "phx_leave", serde_json::json!({})).await;
+    creator.reply_to(&leave).await;
+    let mut visitor = gateway.connect().await;
+    join_and_leave(&mut visitor, "room:keep").await;
+    let pid = gateway.wait_room_pid("keep");
+
+    // One client creates room after room; nobody is in any of them.
+    let mut flooder = gateway.connect().await;
+    for i in 0..12 {
+        join_and_leave(&mut flooder, &format!("room:flood-{i}")).await;
+    }
+    assert_eq!(gateway.room_pid("keep"), Some(pid), "the shared room was not evicted");
+    let (_, history) = visitor.join_ok("room:keep").await;
+    assert_eq!(history.first().map(|m| m["text"].clone()), Some("remember me".into()));
+}

@@ -49,6 +49,10 @@ pub struct Config {
     #[arg(long, value_parser = ranged::<usize>(1..=1_000_000), env = "ROOMVISOR_MAX_ROOMS", default_value_t = 1024)]
     pub max_rooms: usize,
 
+    /// Live rooms one socket may have started (joining a running room is not counted).
+    #[arg(long, value_parser = ranged::<usize>(1..=1_000_000), env = "ROOMVISOR_MAX_ROOMS_STARTED_PER_SOCKET", default_value_t = 10)]
+    pub max_rooms_started_per_socket: usize,
+
     /// Most channels one socket may have joined.
     #[arg(long, value_parser = ranged::<usize>(1..=10_000), env = "ROOMVISOR_MAX_CHANNELS_PER_SOCKET", default_value_t = 100)]
     pub max_channels_per_socket: usize,

@@ -1,14 +1,18 @@
 //! The accept loop: what a connection may hold before it has said anything useful.
 //!
-//! Every connection takes one of a fixed number of slots, sized from the descriptors the
-//! process may open with some held back, so that room workers (three pipes each) and the
-//! log still get descriptors when the slots are gone; past the cap a connection is closed at
-//! once. A connection that has not finished its request head has a deadline to finish it,
-//! and at most half the slots may be such connections: past that, the one waiting longest
-//! is dropped to make room. A real client sends its head in a moment, so slow-header
-//! clients only ever evict each other, and `/healthz`, new sockets and room starts keep
-//! working. Each request carries its peer's address (`ConnectInfo`), for per-address limits
-//! and the operator API.
+//! The descriptors the process may open, less a reserve and the room workers' pipes, are
+//! shared out so that room starts and the log never run short:
+//!
+//! - A new connection first waits for its request head, with a deadline. At most a third of
+//!   the budget may wait so; past that, the one waiting longest is dropped to make room. A
+//!   real client sends its head in a moment, so slow-header clients only ever evict each
+//!   other, and `/healthz` and new sockets still get through.
+//! - A connection whose head has arrived takes one of the other two thirds, the connection
+//!   slots, for as long as it lives; with none free its request is answered 503 and the
+//!   connection closed.
+//!
+//! Each request carries its peer's address (`ConnectInfo`), for per-address limits and the
+//! operator API.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -35,7 +39,7 @@ const RESERVED_FDS: u64 = 64;
 /// in a hot loop.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// How many connections, and how many of them still reading their request head.
+/// How many connections may be served, and how many more may wait for their request head.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     pub max_connections: usize,
@@ -44,9 +48,9 @@ pub struct ConnectionLimits {
 }
 
 impl ConnectionLimits {
-    /// `wanted` connections if the operator named a number; otherwise as many as the
+    /// `wanted` connections if the operator named a number; otherwise two thirds of what the
     /// descriptor limit holds once the reserve and the room workers' pipes (three per room,
-    /// up to half of what is left) are set aside. Half of them may be still sending a head.
+    /// up to half of what is left) are set aside. Half as many again may wait for a head.
     pub fn new(
         wanted: Option<usize>,
         open_files: u64,
@@ -55,7 +59,8 @@ impl ConnectionLimits {
     ) -> ConnectionLimits {
         let usable = open_files.saturating_sub(RESERVED_FDS);
         let for_rooms = (3 * max_rooms as u64).min(usable / 2);
-        let fitting = usize::try_from(usable - for_rooms).unwrap_or(usize::MAX);
+        let budget = usize::try_from(usable - for_rooms).unwrap_or(usize::MAX);
+        let fitting = budget - budget / 3;
         let max_connections = wanted.unwrap_or(fitting).max(2);
         if max_connections > fitting {
             tracing::warn!(
@@ -138,7 +143,6 @@ pub async fn serve(
         next_id: 0,
         waiting: BTreeMap::new(),
     }));
-    let mut refused: u64 = 0;
     loop {
         let (tcp, peer) = tokio::select! {
             () = shutdown.wait() => return,
@@ -151,18 +155,9 @@ pub async fn serve(
                 }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            // Closed at once: the client learns now, and the descriptor is free again.
-            refused += 1;
-            if refused.is_power_of_two() {
-                tracing::warn!(peer = %peer, refused, "at the connection limit; refusing connections");
-            }
-            drop(tcp);
-            continue;
-        };
         let (id, dropped) = pending.lock_or_recover().admit();
         let head = HeadPending { table: pending.clone(), id };
-        let connection = Connection { tcp, peer, slot, head, dropped };
+        let connection = Connection { tcp, peer, head, dropped, slots: slots.clone() };
         connections.spawn(serve_connection(
             connection,
             router.clone(),
@@ -176,10 +171,34 @@ pub async fn serve(
 struct Connection {
     tcp: TcpStream,
     peer: SocketAddr,
-    slot: OwnedSemaphorePermit,
     head: HeadPending,
     /// Cancelled when newer connections need its place while it still has sent no head.
     dropped: CancellationToken,
+    slots: Arc<Semaphore>,
+}
+
+/// What a connection holds once it has shown it is a client.
+struct Admission {
+    head: Option<HeadPending>,
+    slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Admission {
+    /// Trades the place in the waiting table for a connection slot; false when none is free.
+    fn admit(&mut self, slots: &Arc<Semaphore>) -> bool {
+        self.head.take();
+        if self.slot.is_none() {
+            self.slot = slots.clone().try_acquire_owned().ok();
+        }
+        self.slot.is_some()
+    }
+}
+
+fn at_capacity() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let close = [(axum::http::header::CONNECTION, "close")];
+    (axum::http::StatusCode::SERVICE_UNAVAILABLE, close, "at the connection limit; try again later")
+        .into_response()
 }
 
 async fn serve_connection(
@@ -188,23 +207,25 @@ async fn serve_connection(
     head_timeout: Duration,
     shutdown: Shutdown,
 ) {
-    let Connection { tcp, peer, slot: _slot, head, dropped } = connection;
+    let Connection { tcp, peer, head, dropped, slots } = connection;
     // Chat frames are small and latency-bound: without TCP_NODELAY, Nagle's algorithm meets
     // the client's delayed ACK and a reply can wait ~40 ms.
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!("cannot set TCP_NODELAY: {e}");
     }
-    let head = Arc::new(Mutex::new(Some(head)));
-    let head_arrived = {
-        let head = head.clone();
-        move || {
-            head.lock_or_recover().take();
-        }
-    };
+    let admission = Arc::new(Mutex::new(Admission { head: Some(head), slot: None }));
+    let waiting = admission.clone();
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-        head_arrived();
-        request.extensions_mut().insert(ConnectInfo(peer));
-        router.clone().oneshot(request)
+        let admitted = admission.lock_or_recover().admit(&slots);
+        let router = router.clone();
+        async move {
+            if !admitted {
+                tracing::warn!(peer = %peer, "at the connection limit; refusing a request");
+                return Ok(at_capacity());
+            }
+            request.extensions_mut().insert(ConnectInfo(peer));
+            router.oneshot(request).await
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(head_timeout);
@@ -217,7 +238,7 @@ async fn serve_connection(
             }
         }
         // Only a connection that never finished a head is ever asked to make room.
-        () = dropped.cancelled(), if head.lock_or_recover().is_some() => {
+        () = dropped.cancelled(), if waiting.lock_or_recover().head.is_some() => {
             tracing::debug!(peer = %peer, "dropped a connection still sending its request head");
         }
         () = shutdown.wait() => {
@@ -236,9 +257,10 @@ mod tests {
     fn connections_get_the_descriptors_the_rooms_do_not_need() {
         let second = Duration::from_secs(1);
         let tight = ConnectionLimits::new(None, 256, 1024, second);
-        assert_eq!((tight.max_connections, tight.max_pending_heads), (96, 48), "rooms take half at most");
+        assert_eq!((tight.max_connections, tight.max_pending_heads), (64, 32), "rooms take half at most");
         let usual = ConnectionLimits::new(None, 20_000, 1024, second);
-        assert_eq!(usual.max_connections, 20_000 - 64 - 3 * 1024);
+        let budget = 20_000 - 64 - 3 * 1024;
+        assert_eq!(usual.max_connections, budget - budget / 3);
         let named = ConnectionLimits::new(Some(15_000), 20_000, 100_000, second);
         assert_eq!(named.max_connections, 15_000, "the operator's number stands");
         assert!(ConnectionLimits::new(None, 10, 1024, second).max_connections >= 2);

@@ -101,6 +101,11 @@ pub async fn run(config: Config) -> std::io::Result<()> {
             config: config.clone(),
             chat: Chat::new(&config),
             shutdown: shutdown.clone(),
+            // Replaced by each connection's own.
+            caller: rooms::Caller {
+                id: rooms::ClientId::next(),
+                max_started: config.max_rooms_started_per_socket,
+            },
         },
         cluster,
         origins: origin::OriginPolicy::new(address, &config.allowed_origins),

@@ -3,6 +3,7 @@
 
 use super::error::{PlacementError, RoomError};
 use super::placement::{Placement, RemoteCallError};
+use super::shares::Caller;
 use super::supervisor::{Slot, Supervisor};
 use crate::gateway::ids::RoomId;
 
@@ -10,11 +11,24 @@ impl Supervisor {
     /// Calls a function of the room's script, starting the room if needed (in a cluster:
     /// wherever it runs, starting it here if it runs nowhere).
     pub async fn call(&self, id: &RoomId, function: &str, args_json: String) -> Result<String, RoomError> {
+        self.call_from(None, id, function, args_json).await
+    }
+
+    /// [`Supervisor::call`] on behalf of a client, whose share of room starts it uses.
+    pub async fn call_from(
+        &self,
+        caller: Option<&Caller>,
+        id: &RoomId,
+        function: &str,
+        args_json: String,
+    ) -> Result<String, RoomError> {
         match &self.inner.placement {
-            None => self.room(id).await?.call(function, args_json).await,
+            None => self.room_for(caller, id).await?.call(function, args_json).await,
             // Boxed: inline, the cluster path's NATS futures made every channel task's
             // future, and so every idle socket, ~5 KiB larger (loadgen idle: 14.4 → 19.3 KiB).
-            Some(placement) => Box::pin(self.call_placed(&**placement, id, function, args_json)).await,
+            Some(placement) => {
+                Box::pin(self.call_placed(&**placement, caller, id, function, args_json)).await
+            }
         }
     }
 
@@ -51,6 +65,7 @@ impl Supervisor {
     async fn call_placed(
         &self,
         placement: &dyn Placement,
+        caller: Option<&Caller>,
         id: &RoomId,
         function: &str,
         args_json: String,
@@ -71,7 +86,7 @@ impl Supervisor {
                     }
                 }
                 // Nobody's, or a lease of ours on a runtime that is gone: start it here.
-                _ => match self.room(id).await {
+                _ => match self.room_for(caller, id).await {
                     Ok(handle) => return handle.call(function, args_json).await,
                     Err(RoomError::OwnedElsewhere) => continue,
                     Err(error) => return Err(error),

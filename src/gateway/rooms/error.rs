@@ -13,6 +13,8 @@ pub enum RoomError {
     CrashLooping,
     /// The room's call queue is full.
     Busy,
+    /// The caller has started as many live rooms as it may.
+    StartQuota,
     Timeout,
     WorkerExited,
     /// The script threw, or its start-up failed; carries the script's error.
@@ -54,6 +56,7 @@ impl RoomError {
             RoomError::RoomLimit => "room limit reached".to_owned(),
             RoomError::CrashLooping => "room is crash-looping".to_owned(),
             RoomError::Busy => "room busy".to_owned(),
+            RoomError::StartQuota => "too many rooms started by this socket".to_owned(),
             RoomError::Timeout => "timeout".to_owned(),
             RoomError::WorkerExited => "room worker exited".to_owned(),
             RoomError::Script(e) if e.kind == ScriptErrorKind::Timeout => "timeout".to_owned(),

@@ -9,6 +9,7 @@ mod handle;
 mod launcher;
 mod placement;
 mod process;
+mod shares;
 mod supervisor;
 #[cfg(test)]
 mod tests;
@@ -17,4 +18,5 @@ pub use crate::gateway::ids::{InvalidRoomId, NodeId, RoomId, RuntimeId, TOPIC_PR
 pub use error::{PlacementError, RoomError};
 pub use handle::{ExitReason, ExitReport, RoomHandle};
 pub use placement::{BoxFuture, Claim, Holder, Placement, RemoteCallError};
+pub use shares::{Caller, ClientId};
 pub use supervisor::{announce_reset, RoomInfo, Supervisor};

@@ -20,6 +20,7 @@ use super::error::RoomError;
 use super::handle::{ExitReport, RoomHandle};
 use super::launcher::{Launched, Launcher, ProcessLauncher};
 use super::placement::{Claim, Placement};
+use super::shares::{Caller, Shares};
 use crate::gateway::config::Config;
 use crate::gateway::ids::{NodeId, RoomId, RuntimeId};
 use crate::gateway::phoenix::{self, ROOM_RESET};
@@ -42,6 +43,7 @@ pub(super) struct State {
     /// Every worker not yet reaped, by runtime, so shutdown can reach starting ones too.
     workers: HashMap<RuntimeId, RoomHandle>,
     crashes: CrashGuard,
+    shares: Shares,
     shutting_down: bool,
 }
 
@@ -100,7 +102,13 @@ impl Supervisor {
     ) -> Supervisor {
         let node = placement.as_ref().map(|p| p.node().clone()).unwrap_or_else(NodeId::local);
         let crashes = CrashGuard::new(config.crash_limit, config.crash_window(), config.crash_cooldown());
-        let state = State { rooms: HashMap::new(), workers: HashMap::new(), crashes, shutting_down: false };
+        let state = State {
+            rooms: HashMap::new(),
+            workers: HashMap::new(),
+            crashes,
+            shares: Shares::default(),
+            shutting_down: false,
+        };
         Supervisor {
             inner: Arc::new(Inner {
                 config,
@@ -125,12 +133,24 @@ impl Supervisor {
 
     /// The room's live worker, started now if it has none.
     pub async fn room(&self, id: &RoomId) -> Result<RoomHandle, RoomError> {
+        self.room_for(None, id).await
+    }
+
+    /// The room's live worker for `caller`, started now (on its share) if it has none.
+    pub async fn room_for(&self, caller: Option<&Caller>, id: &RoomId) -> Result<RoomHandle, RoomError> {
         let mut outcome = {
             let mut state = self.lock();
+            let state = &mut *state;
             match state.rooms.get(id) {
-                Some(Slot::Live(handle)) if !handle.is_closed() => return Ok(handle.clone()),
-                Some(Slot::Starting { outcome, .. }) => outcome.clone(),
-                _ => self.begin_start(&mut state, id)?,
+                Some(Slot::Live(handle)) if !handle.is_closed() => {
+                    state.shares.used(id, handle.runtime, caller, Instant::now());
+                    return Ok(handle.clone());
+                }
+                Some(Slot::Starting { outcome, runtime }) => {
+                    state.shares.used(id, *runtime, caller, Instant::now());
+                    outcome.clone()
+                }
+                _ => self.begin_start(state, id, caller)?,
             }
         };
         let settled = outcome.wait_for(Option::is_some).await;
@@ -205,6 +225,7 @@ impl Supervisor {
         &self,
         state: &mut State,
         id: &RoomId,
+        caller: Option<&Caller>,
     ) -> Result<watch::Receiver<StartOutcome>, RoomError> {
         if state.shutting_down {
             return Err(RoomError::ShuttingDown);
@@ -212,10 +233,14 @@ impl Supervisor {
         if state.crashes.is_cooling(id, Instant::now()) {
             return Err(RoomError::CrashLooping);
         }
+        if !state.shares.may_start(caller) {
+            return Err(RoomError::StartQuota);
+        }
         if state.rooms.len() >= self.inner.config.max_rooms && !self.evict_idle_room(state, id) {
             return Err(RoomError::RoomLimit);
         }
         let runtime = RuntimeId::new(self.inner.next_runtime.fetch_add(1, Ordering::Relaxed));
+        state.shares.started(runtime, caller);
         let (done, outcome) = watch::channel(None);
         state.rooms.insert(id.clone(), Slot::Starting { runtime, outcome: outcome.clone() });
         // Started in its own task so that a caller that gives up does not abandon the start
@@ -237,6 +262,7 @@ impl Supervisor {
                         if still_ours {
                             state.rooms.remove(&id);
                         }
+                        state.shares.ended(runtime);
                         // Counted here, before anyone hears of the failure, so that a client
                         // retrying at once already meets the crash-loop guard; and counted
                         // even when the worker's monitor cleared the slot first.
@@ -251,11 +277,14 @@ impl Supervisor {
         Ok(outcome)
     }
 
-    /// Makes space at the room limit by stopping the least recently used room that no socket
-    /// has joined, so a flood of one-off room ids cannot lock everyone else out; rooms that
-    /// someone is in are never evicted. The evicted room's state is gone, as after a restart.
+    /// Makes space at the room limit by stopping a room that no socket has joined, so a flood
+    /// of one-off room ids cannot lock everyone else out; rooms that someone is in are never
+    /// evicted. Rooms no other client than their creator used in the last minute go first,
+    /// least recently used first. The evicted room's state is gone, as after a restart.
     fn evict_idle_room(&self, state: &mut State, for_room: &RoomId) -> bool {
         let pubsub = &self.inner.pubsub;
+        let now = Instant::now();
+        let shares = &state.shares;
         let victim = state
             .rooms
             .iter()
@@ -263,10 +292,11 @@ impl Supervisor {
                 Slot::Live(handle) if pubsub.socket_count(&id.topic()) == 0 => Some(handle),
                 _ => None,
             })
-            .min_by_key(|handle| handle.last_used_ms())
+            .min_by_key(|handle| (shares.is_shared(&handle.room, now), handle.last_used_ms()))
             .cloned();
         let Some(victim) = victim else { return false };
         state.rooms.remove(&victim.room);
+        state.shares.forget(&victim.room);
         tracing::info!(
             room = %victim.room,
             pid = victim.pid,
@@ -323,6 +353,7 @@ impl Supervisor {
         {
             let mut state = self.lock();
             state.workers.remove(&report.runtime);
+            state.shares.ended(report.runtime);
             let ours = match state.rooms.get(&report.room) {
                 Some(Slot::Live(handle)) => handle.runtime == report.runtime,
                 Some(Slot::Starting { runtime, .. }) => *runtime == report.runtime,
@@ -330,6 +361,7 @@ impl Supervisor {
             };
             if ours {
                 state.rooms.remove(&report.room);
+                state.shares.forget(&report.room);
             }
             if crashed {
                 state.crashes.record(&report.room, Instant::now());

@@ -80,13 +80,15 @@ impl Channel {
         self.ctx.supervisor.pubsub().synced().await;
         let chat = &self.ctx.chat;
         let call = chat.on_join();
-        let reply = match self.ctx.supervisor.call(&self.room, call.function, call.args_json).await {
-            Ok(answer) => chat.join_reply(&answer).map(|response| join.reply_ok(&response)),
-            Err(e) => {
-                tracing::info!(room = %self.room, "join refused: {}", e.detail());
-                Err(e.reason())
-            }
-        };
+        let caller = Some(&self.ctx.caller);
+        let reply =
+            match self.ctx.supervisor.call_from(caller, &self.room, call.function, call.args_json).await {
+                Ok(answer) => chat.join_reply(&answer).map(|response| join.reply_ok(&response)),
+                Err(e) => {
+                    tracing::info!(room = %self.room, "join refused: {}", e.detail());
+                    Err(e.reason())
+                }
+            };
         match reply {
             Ok(reply) => {
                 self.outbox.send_reply(reply, || join.reply_error(REPLY_TOO_LARGE));
@@ -105,7 +107,8 @@ impl Channel {
             Ok(call) => call,
             Err(reason) => return frame.reply_error(&reason),
         };
-        let answer = self.ctx.supervisor.call(&self.room, call.function, call.args_json).await;
+        let caller = Some(&self.ctx.caller);
+        let answer = self.ctx.supervisor.call_from(caller, &self.room, call.function, call.args_json).await;
         match answer.map_err(|e| e.reason()).and_then(|answer| chat.push_reply(answer)) {
             Ok(response) => frame.reply_ok(&response),
             Err(reason) => frame.reply_error(&reason),

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::gateway::chat::Chat;
 use crate::gateway::config::Config;
 use crate::gateway::phoenix::{write_frames, Outbox, TokenBucket};
-use crate::gateway::rooms::Supervisor;
+use crate::gateway::rooms::{Caller, ClientId, Supervisor};
 use crate::gateway::shutdown::Shutdown;
 use connection::Connection;
 
@@ -32,10 +32,13 @@ pub struct SocketContext {
     pub config: Arc<Config>,
     pub chat: Chat,
     pub shutdown: Shutdown,
+    /// This socket as a client of the rooms; each connection gets its own (see `serve`).
+    pub caller: Caller,
 }
 
 /// Serves one upgraded connection until either side closes it.
-pub async fn serve(socket: WebSocket, ctx: SocketContext) {
+pub async fn serve(socket: WebSocket, mut ctx: SocketContext) {
+    ctx.caller = Caller { id: ClientId::next(), max_started: ctx.config.max_rooms_started_per_socket };
     let (sink, stream) = socket.split();
     let (outbox, outbound) = Outbox::bounded(ctx.config.outbound_queue, ctx.config.outbound_queue_bytes);
     let (close_tx, close_rx) = oneshot::channel();
