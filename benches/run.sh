@@ -78,7 +78,7 @@ free_port() {
 
 # The per-socket rate limit would cap a fan-out sender at 50 pushes/s, and 2,000 rooms
 # exceed the default live-room limit; the other limits stay at their defaults.
-gateway_flags="--port 0 --rate-per-sec 1000000 --rate-burst 1000000 --max-rooms 100000 --max-sockets-per-address 1000000 --max-connections 15000"
+gateway_flags="--port 0 --rate-per-sec 1000000 --rate-burst 1000000 --max-rooms 100000 --max-sockets-per-address 1000000 --max-connections 15000 --max-rooms-started-per-socket 1000000"
 
 # Starts a server on a free port; sets server_url (comma-separated for a cluster), server_pid
 # (the process whose memory is read; none for a cluster) and server_pids (all to stop).
