@@ -3,8 +3,9 @@
 //!
 //! Two processes and a wire between them:
 //!
-//! - [`gateway`]: one process. HTTP and the WebSocket (`gateway::http`), Phoenix frames and
-//!   the socket's writer (`gateway::phoenix`), one task per connection and per joined channel
+//! - [`gateway`]: one process. The accept loop (`gateway::listener`), HTTP and the WebSocket
+//!   upgrade (`gateway::http`, `gateway::origin`, `gateway::quota`), Phoenix frames and the
+//!   socket's writer (`gateway::phoenix`), one task per connection and per joined channel
 //!   (`gateway::socket`), the chat application's rules (`gateway::chat`), the PubSub
 //!   (`gateway::pubsub`), the rooms and their supervisor (`gateway::rooms`), and the cluster
 //!   over NATS (`gateway::cluster`).
