@@ -24,7 +24,14 @@ fn topic(room: usize) -> String {
 async fn two_hundred_killed_workers_are_all_reaped_and_leave_no_zombies() {
     let started = Instant::now();
     // One socket does all the talking, faster than the default inbound rate.
-    let gateway = Gateway::start(&["--rate-per-sec", "100000", "--rate-burst", "100000"]);
+    let gateway = Gateway::start(&[
+        "--rate-per-sec",
+        "100000",
+        "--rate-burst",
+        "100000",
+        "--max-rooms-started-per-socket",
+        "1000",
+    ]);
     let gateway_pid = gateway.pid();
     let mut client = gateway.connect().await;
     let mut join_refs = Vec::new();

@@ -10,6 +10,7 @@ mod launcher;
 mod placement;
 mod process;
 mod shares;
+mod stdin;
 mod supervisor;
 #[cfg(test)]
 mod tests;

@@ -13,17 +13,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde_json::value::RawValue;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdout, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout, Instant};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use super::error::RoomError;
 use super::handle::{ExitReason, ExitReport, HandleEnds, ReadySignal, Request, RoomHandle};
+use super::stdin::{Refused, Stdin};
 use crate::gateway::ids::{RoomId, RuntimeId};
 use crate::gateway::phoenix::{self, NEW_MESSAGE};
 use crate::gateway::pubsub::{ChannelMessage, PubSub};
@@ -31,6 +32,10 @@ use crate::wire::{FromWorker, GatewayCodec, LogLevel, RuntimeLimits, ToWorker, P
 
 /// BroadcastChannel messages queued for one runtime before further ones are dropped.
 const DELIVERY_QUEUE: usize = 1024;
+/// Calls handed to the worker before it answers: enough that a call waiting on a timer or a
+/// host call does not hold up the others, few enough that the rest wait where a call whose
+/// caller gave up can still be dropped.
+const CALLS_AT_THE_WORKER: usize = 8;
 
 /// Everything needed to start one runtime.
 #[derive(Debug, Clone)]
@@ -81,7 +86,7 @@ pub fn spawn(
     let (ready_tx, ready) = oneshot::channel();
     let max_frame = usize::try_from(spec.limits.max_frame_bytes).unwrap_or(usize::MAX);
     let actor = Actor {
-        writer: FramedWrite::new(stdin, GatewayCodec::new(max_frame)),
+        stdin: Stdin::spawn(stdin, max_frame, spec.hard_timeout),
         reader: FramedRead::new(stdout, GatewayCodec::new(max_frame)),
         child,
         pid,
@@ -99,6 +104,7 @@ pub fn spawn(
         spawned_at: Instant::now(),
         became_ready: false,
         abandoned: 0,
+        last_answer_at: Instant::now(),
         spec,
     };
     Ok((handle, ready, actor.run()))
@@ -113,7 +119,7 @@ struct Actor {
     spec: RoomSpec,
     child: Child,
     pid: u32,
-    writer: FramedWrite<ChildStdin, GatewayCodec>,
+    stdin: Stdin,
     reader: FramedRead<ChildStdout, GatewayCodec>,
     commands: mpsc::Receiver<Request>,
     inbox: mpsc::Receiver<ChannelMessage>,
@@ -131,6 +137,8 @@ struct Actor {
     became_ready: bool,
     /// Calls dropped unrun because their callers had gone.
     abandoned: u64,
+    /// When the worker last answered a call: the earliest it can have started the next.
+    last_answer_at: Instant,
 }
 
 /// A frame from the worker that breaks the protocol; the worker is killed for it.
@@ -146,7 +154,7 @@ impl Actor {
             script: std::mem::take(&mut self.spec.script),
             limits: self.spec.limits,
         };
-        let reason = match self.send(start).await {
+        let reason = match self.send(start) {
             Ok(()) => self.event_loop().await,
             Err(reason) => reason,
         };
@@ -180,13 +188,17 @@ impl Actor {
 
     async fn event_loop(&mut self) -> ExitReason {
         loop {
-            // Until it is ready, the start-up itself is bounded by the hard limit.
+            // Until it is ready, the start-up itself is bounded by the hard limit. After that
+            // the oldest unanswered call is, counted from when the worker could have started
+            // it: calls queued behind others (the worker answers them in order) do not count
+            // their wait, so a worker that keeps answering is never taken for a hung one.
             let waiting_since = if self.ready.is_some() {
                 Some(self.spawned_at)
             } else {
-                self.in_flight.first_key_value().map(|(_, call)| call.sent_at)
+                self.in_flight.first_key_value().map(|(_, call)| call.sent_at.max(self.last_answer_at))
             };
             let unresponsive_at = waiting_since.map(|since| since + self.spec.hard_timeout);
+            let stalled = self.stdin.stalled().clone();
             // Biased: the gateway's own deadlines first, so a worker flooding frames cannot
             // starve them; then the worker's frames before its exit, so its last words (a
             // StartFailed, a Reply) are never lost to a race with the exit.
@@ -194,9 +206,10 @@ impl Actor {
                 biased;
                 () = self.kill.cancelled() => return ExitReason::Killed("asked to stop"),
                 () = sleep_until_opt(unresponsive_at) => return ExitReason::Unresponsive,
+                () = stalled.cancelled() => return ExitReason::Unresponsive,
                 frame = self.reader.next() => match frame {
                     Some(Ok(frame)) => {
-                        if let Err(Violation(why)) = self.handle_frame(frame).await {
+                        if let Err(Violation(why)) = self.handle_frame(frame) {
                             return ExitReason::ProtocolViolation(why);
                         }
                     }
@@ -204,12 +217,9 @@ impl Actor {
                     // stdout closed: the worker is on its way out; the wait branch sees it go.
                     None => return self.await_exit().await,
                 },
-                // One call at a time, as the design's actor: the next is taken only once the
-                // worker has answered, so a call's hard limit runs from when the worker got it
-                // (never from when it was queued behind others), queued calls whose callers
-                // gave up are dropped before they run, and the gateway never blocks writing
-                // to a worker that is blocked writing a large answer to it.
-                command = self.commands.recv(), if !self.shutting_down && self.in_flight.is_empty() => match command {
+                // A few calls at a time go to the worker (more would only wait in its pipe);
+                // the rest wait here, where a call whose caller gave up is dropped unrun.
+                command = self.commands.recv(), if !self.shutting_down && self.in_flight.len() < CALLS_AT_THE_WORKER => match command {
                     Some(Request::Call { reply, .. }) if reply.is_closed() => {
                         self.abandoned += 1;
                         tracing::debug!(room = %self.spec.room, dropped = self.abandoned, "dropped a call whose caller is gone");
@@ -219,7 +229,7 @@ impl Actor {
                         self.next_call_id += 1;
                         self.calls.fetch_add(1, Ordering::Relaxed);
                         self.in_flight.insert(id, InFlight { reply, sent_at: Instant::now() });
-                        if let Err(reason) = self.send(ToWorker::Call { id, function, args }).await {
+                        if let Err(reason) = self.send(ToWorker::Call { id, function, args }) {
                             return reason;
                         }
                     }
@@ -227,8 +237,8 @@ impl Actor {
                     // asked for: closing stdin lets the worker drain and exit.
                     Some(Request::Shutdown) | None => {
                         self.shutting_down = true;
-                        let _ = self.send(ToWorker::Shutdown).await;
-                        let _ = self.writer.get_mut().shutdown().await;
+                        let _ = self.send(ToWorker::Shutdown);
+                        self.stdin.close();
                     }
                 },
                 Some(message) = self.inbox.recv() => {
@@ -236,8 +246,8 @@ impl Actor {
                         channel: message.channel.to_string(),
                         data: message.data.to_string(),
                     };
-                    if let Err(reason) = self.send(deliver).await {
-                        return reason;
+                    if !self.stdin.offer(deliver) {
+                        tracing::warn!(room = %self.spec.room, channel = %message.channel, "BroadcastChannel message dropped: the worker is not reading");
                     }
                 }
                 status = self.child.wait() => {
@@ -255,7 +265,7 @@ impl Actor {
     async fn drain_frames(&mut self) -> Result<(), Violation> {
         while let Ok(Some(frame)) = timeout(self.spec.hard_timeout, self.reader.next()).await {
             let frame = frame.map_err(|e| Violation(e.to_string()))?;
-            self.handle_frame(frame).await?;
+            self.handle_frame(frame)?;
         }
         Ok(())
     }
@@ -276,17 +286,13 @@ impl Actor {
         }
     }
 
-    /// A worker that stops reading its stdin would block this write forever: bound it.
-    async fn send(&mut self, frame: ToWorker) -> Result<(), ExitReason> {
-        match timeout(self.spec.hard_timeout, self.writer.send(frame)).await {
-            Ok(Ok(())) => Ok(()),
-            // A broken pipe means the worker died; the wait branch reports how.
-            Ok(Err(_)) => Ok(()),
-            Err(_) => Err(ExitReason::Unresponsive),
-        }
+    /// Queues a frame for the worker's stdin; a worker that has left a thousand frames
+    /// unread is not reading at all.
+    fn send(&self, frame: ToWorker) -> Result<(), ExitReason> {
+        self.stdin.send(frame).map_err(|Refused::Full| ExitReason::Unresponsive)
     }
 
-    async fn handle_frame(&mut self, frame: FromWorker) -> Result<(), Violation> {
+    fn handle_frame(&mut self, frame: FromWorker) -> Result<(), Violation> {
         match frame {
             FromWorker::Ready => {
                 let ready = self.ready.take().ok_or_else(|| Violation("a second Ready".to_owned()))?;
@@ -304,6 +310,7 @@ impl Actor {
                     .in_flight
                     .remove(&id)
                     .ok_or_else(|| Violation(format!("a reply to unknown call {id}")))?;
+                self.last_answer_at = Instant::now();
                 if let Err(error) = &result {
                     tracing::debug!(room = %self.spec.room, pid = self.pid, "call {id} failed: {}", error.message);
                 }
@@ -312,7 +319,8 @@ impl Actor {
             }
             FromWorker::HostCall { id, name, args } => {
                 let result = self.host_call(&name, &args);
-                let _ = self.send(ToWorker::HostReply { id, result }).await;
+                self.send(ToWorker::HostReply { id, result })
+                    .map_err(|_| Violation("it does not read its input".to_owned()))?;
             }
             FromWorker::Post { channel, data } => {
                 let raw = RawValue::from_string(data)
