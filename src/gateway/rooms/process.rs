@@ -1,9 +1,10 @@
 //! The actor that owns one room's worker process.
 //!
-//! It is the only code that touches the child: it writes calls in arrival order, reads every
-//! frame the worker sends, answers host calls, routes BroadcastChannel posts through the
-//! PubSub, kills the worker on a protocol violation or when a call stays unanswered past the
-//! hard limit, and always reaps it.
+//! It is the only code that touches the child: it hands calls to the worker in arrival order
+//! (a few at a time, through the stdin writer in `stdin.rs`), reads every frame the worker
+//! sends, answers host calls, routes BroadcastChannel posts through the PubSub, kills the
+//! worker on a protocol violation or when a call stays unanswered past the hard limit, and
+//! always reaps it.
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
