@@ -72,7 +72,13 @@ impl Shares {
     pub fn used(&mut self, room: &RoomId, runtime: RuntimeId, caller: Option<&Caller>, now: Instant) {
         let starter = self.starters.get(&runtime);
         if caller.map(|c| c.id).as_ref() != starter || starter.is_none() {
-            self.shared_use.insert(room.clone(), now);
+            // Every message of a shared room passes here: update in place, no key clone.
+            match self.shared_use.get_mut(room) {
+                Some(at) => *at = now,
+                None => {
+                    self.shared_use.insert(room.clone(), now);
+                }
+            }
         }
     }
 
