@@ -419,3 +419,19 @@ async fn a_room_another_client_used_lately_outlasts_one_clients_new_rooms() {
     let (_, history) = visitor.join_ok("room:keep").await;
     assert_eq!(history.first().map(|m| m["text"].clone()), Some("remember me".into()));
 }
+
+#[tokio::test]
+async fn open_sockets_count_against_the_connection_cap() {
+    let gateway = Gateway::start(&["--max-connections", "3"]);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(gateway.connect().await);
+    }
+    let (status, _) = common::http_get(gateway.addr, "/healthz", &[]);
+    assert_eq!(status, 503, "three open sockets hold all three slots");
+    drop(held.pop());
+    let freed = common::wait_for_within(Duration::from_secs(5), || {
+        (common::http_get(gateway.addr, "/healthz", &[]).0 == 200).then_some(())
+    });
+    assert!(freed.is_some(), "a closed socket gives its slot back");
+}

@@ -7,11 +7,13 @@ use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+use axum::Extension;
 use axum::{Json, Router};
 use serde_json::json;
 use tokio_util::task::TaskTracker;
 
 use super::cluster::Cluster;
+use super::listener::ConnectionSlot;
 use super::origin::OriginPolicy;
 use super::quota::SocketsPerAddress;
 use super::socket::{self, SocketContext};
@@ -52,6 +54,7 @@ const WRITE_BUFFER_SLACK: usize = 256 * 1024;
 async fn websocket(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(slot): Extension<ConnectionSlot>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
@@ -90,7 +93,7 @@ async fn websocket(
         .on_upgrade(move |ws| {
             connections.track_future(async move {
                 socket::serve(ws, context).await;
-                drop(pass);
+                drop((pass, slot));
             })
         })
 }

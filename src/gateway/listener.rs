@@ -177,20 +177,31 @@ struct Connection {
     slots: Arc<Semaphore>,
 }
 
+/// A connection slot, shared by the HTTP connection and, after an upgrade, the WebSocket that
+/// outlives it: the slot is free again once both are gone.
+#[derive(Clone)]
+pub struct ConnectionSlot {
+    _permit: Arc<OwnedSemaphorePermit>,
+}
+
 /// What a connection holds once it has shown it is a client.
 struct Admission {
     head: Option<HeadPending>,
-    slot: Option<OwnedSemaphorePermit>,
+    slot: Option<ConnectionSlot>,
 }
 
 impl Admission {
-    /// Trades the place in the waiting table for a connection slot; false when none is free.
-    fn admit(&mut self, slots: &Arc<Semaphore>) -> bool {
+    /// Trades the place in the waiting table for a connection slot; `None` when none is free.
+    fn admit(&mut self, slots: &Arc<Semaphore>) -> Option<ConnectionSlot> {
         self.head.take();
         if self.slot.is_none() {
-            self.slot = slots.clone().try_acquire_owned().ok();
+            self.slot = slots
+                .clone()
+                .try_acquire_owned()
+                .ok()
+                .map(|permit| ConnectionSlot { _permit: Arc::new(permit) });
         }
-        self.slot.is_some()
+        self.slot.clone()
     }
 }
 
@@ -219,11 +230,13 @@ async fn serve_connection(
         let admitted = admission.lock_or_recover().admit(&slots);
         let router = router.clone();
         async move {
-            if !admitted {
+            let Some(slot) = admitted else {
                 tracing::warn!(peer = %peer, "at the connection limit; refusing a request");
                 return Ok(at_capacity());
-            }
+            };
             request.extensions_mut().insert(ConnectInfo(peer));
+            // An upgraded socket keeps the slot (see the WebSocket route).
+            request.extensions_mut().insert(slot);
             router.oneshot(request).await
         }
     });
