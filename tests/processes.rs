@@ -67,21 +67,7 @@ async fn sigkill_of_the_gateway_takes_its_workers_down() {
     // An idle worker also exits when its stdin closes with the gateway; one busy in JS never
     // reads stdin again, so only PR_SET_PDEATHSIG can stop it. Room one spins, with CPU and
     // call limits far past the test's length.
-    let chat = std::fs::read_to_string(common::chat_script()).expect("the chat script");
-    let opening = "function sendMessage(sender, text) {";
-    assert!(chat.contains(opening), "the chat script changed shape");
-    let script = chat.replace(opening, &format!("{opening}\n  if (text === \"spin\") {{ for (;;) {{}} }}"));
-    let script = common::script_file("spinning-chat.js", &script);
-    let mut gateway = Gateway::start(&[
-        "--room-script",
-        script.to_str().unwrap(),
-        "--js-cpu-ms",
-        "60000",
-        "--call-timeout-ms",
-        "60000",
-        "--hard-timeout-ms",
-        "60000",
-    ]);
+    let mut gateway = common::start_with_spinning_chat();
     let mut client = gateway.connect().await;
     let (join_ref, _) = client.join_ok("room:one").await;
     client.join_ok("room:two").await;

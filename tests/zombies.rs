@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{is_alive, kill9, process, script_file, workers_of, zombies_of, Gateway};
+use common::{is_alive, kill9, process, workers_of, zombies_of, Gateway};
 use nix::sys::signal::Signal;
 use serde_json::json;
 
@@ -87,21 +87,7 @@ async fn two_hundred_killed_workers_are_all_reaped_and_leave_no_zombies() {
 async fn kill_9_of_the_gateway_takes_every_worker_down_within_a_second() {
     // The chat script, with a message that never finishes: that worker is busy in JS and not
     // reading its stdin when the gateway dies, so only PR_SET_PDEATHSIG can stop it.
-    let chat = std::fs::read_to_string(common::chat_script()).expect("the chat script");
-    let opening = "function sendMessage(sender, text) {";
-    assert!(chat.contains(opening), "the chat script changed shape");
-    let script = chat.replace(opening, &format!("{opening}\n  if (text === \"spin\") {{ for (;;) {{}} }}"));
-    let script = script_file("spinning-chat.js", &script);
-    let mut gateway = Gateway::start(&[
-        "--room-script",
-        script.to_str().unwrap(),
-        "--js-cpu-ms",
-        "60000",
-        "--call-timeout-ms",
-        "60000",
-        "--hard-timeout-ms",
-        "60000",
-    ]);
+    let mut gateway = common::start_with_spinning_chat();
     let mut client = gateway.connect().await;
     let mut join_refs = Vec::new();
     for room in 0..10 {

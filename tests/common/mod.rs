@@ -434,6 +434,27 @@ pub fn supervisor(script: &Path, js_cpu_ms: u64) -> roomvisor::gateway::rooms::S
     roomvisor::gateway::rooms::Supervisor::new(Arc::new(config), roomvisor::gateway::pubsub::PubSub::new())
 }
 
+/// A gateway whose chat script spins forever on the text "spin", with the CPU, call and hard
+/// limits at a minute, so a spinning worker stays busy in JavaScript for the whole test.
+pub fn start_with_spinning_chat() -> Gateway {
+    let chat = std::fs::read_to_string(chat_script()).expect("the chat script");
+    let opening = "function sendMessage(sender, text) {";
+    assert!(chat.contains(opening), "the chat script changed shape");
+    let script = chat.replace(opening, &format!("{opening}\n  if (text === \"spin\") {{ for (;;) {{}} }}"));
+    let script = script_file("spinning-chat.js", &script);
+    let minute = "60000";
+    Gateway::start(&[
+        "--room-script",
+        script.to_str().unwrap(),
+        "--js-cpu-ms",
+        minute,
+        "--call-timeout-ms",
+        minute,
+        "--hard-timeout-ms",
+        minute,
+    ])
+}
+
 pub fn chat_script() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/rooms/chat-room.js"))
 }
