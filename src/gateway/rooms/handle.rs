@@ -82,7 +82,8 @@ pub struct RoomHandle {
 
 impl RoomHandle {
     /// Calls a top-level function of the room script. `args_json` is a JSON array; the
-    /// result is JSON. Calls run one at a time, in the order they were made.
+    /// result is JSON. Calls reach the worker in the order they were made; a full queue is
+    /// refused at once with `room busy`.
     pub async fn call(&self, function: &str, args_json: String) -> Result<String, RoomError> {
         self.last_used_ms.store(epoch_ms(), Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
