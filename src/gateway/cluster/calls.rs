@@ -124,11 +124,13 @@ pub async fn serve(client: async_nats::Client, node: NodeId, supervisor: Supervi
         tokio::spawn(async move {
             let reply = match serde_json::from_slice::<CallRequest>(&message.payload) {
                 Ok(request) => match RoomId::parse(&request.room) {
-                    Ok(room) => match supervisor.call_here(&room, &request.function, request.args).await {
-                        Some(Ok(result)) => CallReply::Ok(result),
-                        Some(Err(error)) => CallReply::Failed((&error).into()),
-                        None => CallReply::NotHere,
-                    },
+                    Ok(room) => {
+                        match supervisor.call_here(None, &room, &request.function, request.args).await {
+                            Some(Ok(result)) => CallReply::Ok(result),
+                            Some(Err(error)) => CallReply::Failed((&error).into()),
+                            None => CallReply::NotHere,
+                        }
+                    }
                     Err(_) => CallReply::Failed(RemoteRoomError::Unavailable("invalid room id".to_owned())),
                 },
                 Err(e) => CallReply::Failed(RemoteRoomError::Unavailable(format!("unreadable call: {e}"))),

@@ -3,7 +3,7 @@
 
 use super::error::{PlacementError, RoomError};
 use super::placement::{Placement, RemoteCallError};
-use super::shares::Caller;
+use super::shares::{Caller, ClientId};
 use super::supervisor::{Slot, Supervisor};
 use crate::gateway::ids::RoomId;
 
@@ -23,7 +23,7 @@ impl Supervisor {
         args_json: String,
     ) -> Result<String, RoomError> {
         match &self.inner.placement {
-            None => self.room_for(caller, id).await?.call(function, args_json).await,
+            None => self.room_for(caller, id).await?.call_as(caller.map(|c| c.id), function, args_json).await,
             // Boxed: inline, the cluster path's NATS futures made every channel task's
             // future, and so every idle socket, ~5 KiB larger (loadgen idle: 14.4 → 19.3 KiB).
             Some(placement) => {
@@ -33,8 +33,10 @@ impl Supervisor {
     }
 
     /// Calls the room if this node runs it (or is starting it); `None` if it does not.
+    /// `caller` is the socket the call is for, if it is on this node.
     pub async fn call_here(
         &self,
+        caller: Option<ClientId>,
         id: &RoomId,
         function: &str,
         args_json: String,
@@ -59,7 +61,7 @@ impl Supervisor {
                 Err(_) => return Some(Err(RoomError::WorkerExited)),
             },
         };
-        Some(handle.call(function, args_json).await)
+        Some(handle.call_as(caller, function, args_json).await)
     }
 
     async fn call_placed(
@@ -73,7 +75,8 @@ impl Supervisor {
         // A lease can move between looking it up and using it; a few looks settle it.
         const ATTEMPTS: usize = 3;
         for _ in 0..ATTEMPTS {
-            if let Some(result) = self.call_here(id, function, args_json.clone()).await {
+            if let Some(result) = self.call_here(caller.map(|c| c.id), id, function, args_json.clone()).await
+            {
                 return result;
             }
             match placement.holder(id).await? {
@@ -87,7 +90,7 @@ impl Supervisor {
                 }
                 // Nobody's, or a lease of ours on a runtime that is gone: start it here.
                 _ => match self.room_for(caller, id).await {
-                    Ok(handle) => return handle.call(function, args_json).await,
+                    Ok(handle) => return handle.call_as(caller.map(|c| c.id), function, args_json).await,
                     Err(RoomError::OwnedElsewhere) => continue,
                     Err(error) => return Err(error),
                 },

@@ -11,6 +11,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use super::error::RoomError;
+use super::shares::ClientId;
 use crate::gateway::ids::{RoomId, RuntimeId};
 use crate::util::epoch_ms;
 
@@ -60,8 +61,17 @@ pub struct ExitReport {
 
 /// What a handle asks of the room's actor.
 pub(crate) enum Request {
-    Call { function: String, args: String, reply: oneshot::Sender<Result<String, RoomError>> },
+    Call(Call),
     Shutdown,
+}
+
+/// One call of the room script, and where its answer goes.
+pub(crate) struct Call {
+    /// The socket that made it, if any: its share of the room's queue.
+    pub caller: Option<ClientId>,
+    pub function: String,
+    pub args: String,
+    pub reply: oneshot::Sender<Result<String, RoomError>>,
 }
 
 /// A cheap handle on a live room.
@@ -82,12 +92,22 @@ pub struct RoomHandle {
 
 impl RoomHandle {
     /// Calls a top-level function of the room script. `args_json` is a JSON array; the
-    /// result is JSON. Calls reach the worker in the order they were made; a full queue is
-    /// refused at once with `room busy`.
+    /// result is JSON. Calls reach the worker in the order they were made (round-robin between
+    /// sockets); a full queue is refused at once with `room busy`.
     pub async fn call(&self, function: &str, args_json: String) -> Result<String, RoomError> {
+        self.call_as(None, function, args_json).await
+    }
+
+    /// [`RoomHandle::call`] for a socket, which gets its turn and its share of the queue.
+    pub async fn call_as(
+        &self,
+        caller: Option<ClientId>,
+        function: &str,
+        args_json: String,
+    ) -> Result<String, RoomError> {
         self.last_used_ms.store(epoch_ms(), Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
-        let command = Request::Call { function: function.to_owned(), args: args_json, reply };
+        let command = Request::Call(Call { caller, function: function.to_owned(), args: args_json, reply });
         // A full queue is refused at once: waiting for space would let a flood of calls hold
         // every caller's memory, and each of them would time out anyway.
         self.commands.try_send(command).map_err(|e| match e {

@@ -5,6 +5,7 @@
 mod calls;
 mod crashes;
 mod error;
+mod fair;
 mod handle;
 mod launcher;
 mod placement;

@@ -24,7 +24,8 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use super::error::RoomError;
-use super::handle::{ExitReason, ExitReport, HandleEnds, ReadySignal, Request, RoomHandle};
+use super::fair::FairQueue;
+use super::handle::{Call, ExitReason, ExitReport, HandleEnds, ReadySignal, Request, RoomHandle};
 use super::stdin::{Refused, Stdin};
 use crate::gateway::ids::{RoomId, RuntimeId};
 use crate::gateway::phoenix::{self, NEW_MESSAGE};
@@ -37,6 +38,9 @@ const DELIVERY_QUEUE: usize = 1024;
 /// host call does not hold up the others, few enough that the rest wait where a call whose
 /// caller gave up can still be dropped.
 const CALLS_AT_THE_WORKER: usize = 8;
+/// One socket may hold this fraction of a room's queue: sixteen flooding sockets are needed
+/// to fill it.
+const SHARES_OF_THE_QUEUE: usize = 16;
 
 /// Everything needed to start one runtime.
 #[derive(Debug, Clone)]
@@ -106,6 +110,8 @@ pub fn spawn(
         became_ready: false,
         abandoned: 0,
         last_answer_at: Instant::now(),
+        waiting: FairQueue::new((spec.max_queued_calls / SHARES_OF_THE_QUEUE).max(1)),
+        draining: false,
         spec,
     };
     Ok((handle, ready, actor.run()))
@@ -140,6 +146,10 @@ struct Actor {
     abandoned: u64,
     /// When the worker last answered a call: the earliest it can have started the next.
     last_answer_at: Instant,
+    /// Calls not yet handed to the worker.
+    waiting: FairQueue<Call>,
+    /// Shutdown was asked for: no more calls are taken.
+    draining: bool,
 }
 
 /// A frame from the worker that breaks the protocol; the worker is killed for it.
@@ -176,6 +186,9 @@ impl Actor {
         for (_, call) in std::mem::take(&mut self.in_flight) {
             let _ = call.reply.send(Err(RoomError::WorkerExited));
         }
+        for call in self.waiting.drain() {
+            let _ = call.reply.send(Err(RoomError::WorkerExited));
+        }
         for channel in std::mem::take(&mut self.channels) {
             self.pubsub.unsubscribe_runtime(&channel, self.spec.runtime);
         }
@@ -189,6 +202,9 @@ impl Actor {
 
     async fn event_loop(&mut self) -> ExitReason {
         loop {
+            if let Err(reason) = self.dispatch() {
+                return reason;
+            }
             // Until it is ready, the start-up itself is bounded by the hard limit. After that
             // the oldest unanswered call is, counted from when the worker could have started
             // it: calls queued behind others (the worker answers them in order) do not count
@@ -218,29 +234,18 @@ impl Actor {
                     // stdout closed: the worker is on its way out; the wait branch sees it go.
                     None => return self.await_exit().await,
                 },
-                // A few calls at a time go to the worker (more would only wait in its pipe);
-                // the rest wait here, where a call whose caller gave up is dropped unrun.
-                command = self.commands.recv(), if !self.shutting_down && self.in_flight.len() < CALLS_AT_THE_WORKER => match command {
-                    Some(Request::Call { reply, .. }) if reply.is_closed() => {
-                        self.abandoned += 1;
-                        tracing::debug!(room = %self.spec.room, dropped = self.abandoned, "dropped a call whose caller is gone");
-                    }
-                    Some(Request::Call { function, args, reply }) => {
-                        let id = self.next_call_id;
-                        self.next_call_id += 1;
-                        self.calls.fetch_add(1, Ordering::Relaxed);
-                        self.in_flight.insert(id, InFlight { reply, sent_at: Instant::now() });
-                        if let Err(reason) = self.send(ToWorker::Call { id, function, args }) {
-                            return reason;
+                // Calls wait here, a share per socket, and go to the worker a few at a time
+                // and round-robin by socket (see `dispatch`).
+                command = self.commands.recv(), if !self.draining && self.waiting.len() < self.spec.max_queued_calls => match command {
+                    Some(Request::Call(call)) => {
+                        if let Err(call) = self.waiting.push(call.caller, call) {
+                            let _ = call.reply.send(Err(RoomError::Busy));
                         }
                     }
                     // Every handle is gone (the registry dropped this room) or shutdown was
-                    // asked for: closing stdin lets the worker drain and exit.
-                    Some(Request::Shutdown) | None => {
-                        self.shutting_down = true;
-                        let _ = self.send(ToWorker::Shutdown);
-                        self.stdin.close();
-                    }
+                    // asked for: once the calls before it are handed over, closing stdin lets
+                    // the worker drain and exit.
+                    Some(Request::Shutdown) | None => self.draining = true,
                 },
                 Some(message) = self.inbox.recv() => {
                     let deliver = ToWorker::Deliver {
@@ -285,6 +290,31 @@ impl Actor {
             Ok(status) => ExitReason::Exited(status),
             Err(e) => ExitReason::ProtocolViolation(format!("waiting for the worker failed: {e}")),
         }
+    }
+
+    /// Hands waiting calls to the worker while fewer than [`CALLS_AT_THE_WORKER`] are there,
+    /// dropping those whose callers have gone; once draining and nothing waits, tells the
+    /// worker to finish.
+    fn dispatch(&mut self) -> Result<(), ExitReason> {
+        while self.in_flight.len() < CALLS_AT_THE_WORKER {
+            let Some(call) = self.waiting.pop() else { break };
+            if call.reply.is_closed() {
+                self.abandoned += 1;
+                tracing::debug!(room = %self.spec.room, dropped = self.abandoned, "dropped a call whose caller is gone");
+                continue;
+            }
+            let id = self.next_call_id;
+            self.next_call_id += 1;
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            self.in_flight.insert(id, InFlight { reply: call.reply, sent_at: Instant::now() });
+            self.send(ToWorker::Call { id, function: call.function, args: call.args })?;
+        }
+        if self.draining && !self.shutting_down && self.waiting.len() == 0 {
+            self.shutting_down = true;
+            let _ = self.send(ToWorker::Shutdown);
+            self.stdin.close();
+        }
+        Ok(())
     }
 
     /// Queues a frame for the worker's stdin; a worker that has left a thousand frames

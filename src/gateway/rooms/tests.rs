@@ -65,11 +65,11 @@ async fn run_stand_in(
         tokio::select! {
             () = kill.cancelled() => return report(ExitReason::Killed("asked to stop"), true),
             command = commands.recv() => match command {
-                Some(Request::Call { .. }) if behaviour == Behaviour::DiesOnCall => {
+                Some(Request::Call(_)) if behaviour == Behaviour::DiesOnCall => {
                     return report(ExitReason::Exited(killed_by_signal), true);
                 }
-                Some(Request::Call { function, reply, .. }) => {
-                    let _ = reply.send(Ok(format!("\"{function}\"")));
+                Some(Request::Call(call)) => {
+                    let _ = call.reply.send(Ok(format!("\"{}\"", call.function)));
                 }
                 Some(Request::Shutdown) | None => return report(ExitReason::Requested, true),
             },
