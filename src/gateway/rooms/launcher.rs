@@ -2,15 +2,22 @@
 //! how. The gateway's launcher starts a worker process from its configuration; unit tests
 //! plug in a stand-in.
 
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Stdio;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::process::Command;
 
 use super::error::RoomError;
 use super::handle::{ExitReport, ReadySignal, RoomHandle};
 use super::placement::BoxFuture;
-use super::process::{spawn, RoomSpec};
+use super::process;
 use crate::gateway::config::Config;
 use crate::gateway::ids::{RoomId, RuntimeId};
 use crate::gateway::pubsub::PubSub;
+use crate::wire::{RuntimeLimits, PARENT_PID_ENV};
 
 /// Starts one runtime of a room.
 pub(crate) trait Launcher: Send + Sync + 'static {
@@ -58,4 +65,42 @@ impl Launcher for ProcessLauncher {
         })?;
         Ok(Launched { handle, ready, actor: Box::pin(actor) })
     }
+}
+
+/// Everything needed to start one runtime.
+#[derive(Debug, Clone)]
+pub struct RoomSpec {
+    pub room: RoomId,
+    /// Unique per start; tells a restarted room's worker from the one it replaces.
+    pub runtime: RuntimeId,
+    pub worker_path: PathBuf,
+    pub worker_argv0: &'static str,
+    pub script_name: String,
+    pub script: String,
+    pub limits: RuntimeLimits,
+    pub call_timeout: Duration,
+    pub hard_timeout: Duration,
+    /// Calls that may wait for the room before more are refused as `room busy`.
+    pub max_queued_calls: usize,
+}
+
+/// Starts the worker process and its actor. The returned future is the actor: it must be
+/// polled (spawned) for the room to work, and resolves once the worker is gone and reaped.
+pub fn spawn(
+    spec: RoomSpec,
+    pubsub: Arc<PubSub>,
+) -> std::io::Result<(RoomHandle, ReadySignal, impl Future<Output = ExitReport> + Send)> {
+    let mut command = Command::new(&spec.worker_path);
+    command
+        .arg0(spec.worker_argv0)
+        .env(PARENT_PID_ENV, std::process::id().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    // The child is spawned from a runtime worker thread that lives as long as the gateway:
+    // PR_SET_PDEATHSIG fires when the spawning *thread* exits, so never spawn from
+    // spawn_blocking, whose threads come and go.
+    let child = command.spawn()?;
+    process::start(spec, child, pubsub)
 }

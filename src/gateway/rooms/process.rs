@@ -1,23 +1,21 @@
 //! The actor that owns one room's worker process.
 //!
-//! It is the only code that touches the child: it hands calls to the worker in arrival order
-//! (a few at a time, through the stdin writer in `stdin.rs`), reads every frame the worker
-//! sends, answers host calls, routes BroadcastChannel posts through the PubSub, kills the
-//! worker on a protocol violation or when a call stays unanswered past the hard limit, and
-//! always reaps it.
+//! Once `launcher.rs` has spawned the child, the actor is the only code that touches it: it
+//! hands calls to the worker (a few at a time, round-robin by socket, through the stdin
+//! writer in `stdin.rs`), reads every frame the worker sends, answers host calls, routes
+//! BroadcastChannel posts through the PubSub, kills the worker on a protocol violation or
+//! when a call stays unanswered past the hard limit, and always reaps it.
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
-use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::value::RawValue;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::process::{Child, ChildStdout};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout, Instant};
 use tokio_util::codec::FramedRead;
@@ -26,11 +24,12 @@ use tokio_util::sync::CancellationToken;
 use super::error::RoomError;
 use super::fair::FairQueue;
 use super::handle::{Call, ExitReason, ExitReport, HandleEnds, ReadySignal, Request, RoomHandle};
+use super::launcher::RoomSpec;
 use super::stdin::{Refused, Stdin};
-use crate::gateway::ids::{RoomId, RuntimeId};
+use crate::gateway::ids::RoomId;
 use crate::gateway::phoenix::{self, NEW_MESSAGE};
 use crate::gateway::pubsub::{ChannelMessage, PubSub};
-use crate::wire::{FromWorker, GatewayCodec, LogLevel, RuntimeLimits, ToWorker, PARENT_PID_ENV};
+use crate::wire::{FromWorker, GatewayCodec, LogLevel, ToWorker};
 
 /// BroadcastChannel messages queued for one runtime before further ones are dropped.
 const DELIVERY_QUEUE: usize = 1024;
@@ -42,41 +41,13 @@ const CALLS_AT_THE_WORKER: usize = 8;
 /// to fill it.
 const SHARES_OF_THE_QUEUE: usize = 16;
 
-/// Everything needed to start one runtime.
-#[derive(Debug, Clone)]
-pub struct RoomSpec {
-    pub room: RoomId,
-    /// Unique per start; tells a restarted room's worker from the one it replaces.
-    pub runtime: RuntimeId,
-    pub worker_path: PathBuf,
-    pub worker_argv0: &'static str,
-    pub script_name: String,
-    pub script: String,
-    pub limits: RuntimeLimits,
-    pub call_timeout: Duration,
-    pub hard_timeout: Duration,
-    /// Calls that may wait for the room before more are refused as `room busy`.
-    pub max_queued_calls: usize,
-}
-
-/// Starts the worker process. The returned future is the actor: it must be polled (spawned)
-/// for the room to work, and resolves once the worker is gone and reaped.
-pub fn spawn(
+/// Builds the actor for a worker just spawned. The returned future is the actor: it must be
+/// polled (spawned) for the room to work, and resolves once the worker is gone and reaped.
+pub(super) fn start(
     spec: RoomSpec,
+    mut child: Child,
     pubsub: Arc<PubSub>,
 ) -> std::io::Result<(RoomHandle, ReadySignal, impl Future<Output = ExitReport> + Send)> {
-    let mut command = Command::new(&spec.worker_path);
-    command
-        .arg0(spec.worker_argv0)
-        .env(PARENT_PID_ENV, std::process::id().to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    // The child is spawned from a runtime worker thread that lives as long as the gateway:
-    // PR_SET_PDEATHSIG fires when the spawning *thread* exits, so never spawn from
-    // spawn_blocking, whose threads come and go.
-    let mut child = command.spawn()?;
     let pid = child.id().unwrap_or_default();
     let (Some(stdin), Some(stdout), Some(stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
