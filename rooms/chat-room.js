@@ -6,7 +6,7 @@ const MAX_MESSAGES = 1000;
 const state = { messages: [], nextId: 1 };
 
 // Posting on the room's own topic reaches every Phoenix client joined to it as `new_message`.
-const channel = new BroadcastChannel("room:" + Room.id);
+const channel = new BroadcastChannel(Room.topic);
 
 function sendMessage(sender, text) {
   const message = {

@@ -305,7 +305,7 @@ async fn an_async_call_cut_off_by_the_cpu_budget_in_a_promise_job_is_answered_wi
     // Caller timeouts far beyond the test's patience: only the CPU budget can answer in time.
     let config = roomvisor::gateway::config::Config {
         worker_bin: Some(std::path::PathBuf::from(env!("CARGO_BIN_EXE_room-worker"))),
-        room_script: script,
+        room_script: Some(script),
         js_cpu_ms: 200,
         call_timeout_ms: 600_000,
         hard_timeout_ms: 600_000,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::gateway::ids::{is_valid_kind, DEFAULT_KIND};
 use crate::wire::{RuntimeLimits, DEFAULT_MAX_FRAME_BYTES, WORKER_ARGV0};
 
 #[derive(Debug, Clone, Parser)]
@@ -24,9 +25,15 @@ pub struct Config {
     #[arg(long, env = "PORT", default_value_t = 4000)]
     pub port: u16,
 
-    /// The room script every room runs. Read again at each room start.
-    #[arg(long, env = "ROOMVISOR_ROOM_SCRIPT", default_value = DEFAULT_ROOM_SCRIPT)]
-    pub room_script: PathBuf,
+    /// The script of the default kind, `room:<id>` (the same as `--room room=PATH`). Default:
+    /// rooms/chat-room.js. Scripts are read again at each room start.
+    #[arg(long, env = "ROOMVISOR_ROOM_SCRIPT")]
+    pub room_script: Option<PathBuf>,
+
+    /// A room kind: topics `PREFIX:ID` run the script at PATH (repeatable; the environment
+    /// variable takes a comma-separated list). The `room` kind is always there.
+    #[arg(long = "room", value_name = "PREFIX=PATH", env = "ROOMVISOR_ROOMS", value_delimiter = ',', value_parser = parse_room_kind)]
+    pub rooms: Vec<RoomKind>,
 
     /// The room-worker executable. Default: `room-worker` beside the gateway, else the
     /// gateway itself in worker mode.
@@ -169,6 +176,24 @@ where
 }
 
 pub const DEFAULT_ROOM_SCRIPT: &str = "rooms/chat-room.js";
+
+/// One kind of room: its topic prefix and its script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomKind {
+    pub prefix: String,
+    pub script: PathBuf,
+}
+
+fn parse_room_kind(value: &str) -> Result<RoomKind, String> {
+    let (prefix, script) = value.split_once('=').ok_or("expected PREFIX=PATH")?;
+    if !is_valid_kind(prefix) {
+        return Err(format!("the prefix {prefix:?} is not ^[a-z][a-z0-9_-]{{0,31}}$"));
+    }
+    if script.is_empty() {
+        return Err("the script path is empty".to_owned());
+    }
+    Ok(RoomKind { prefix: prefix.to_owned(), script: PathBuf::from(script) })
+}
 /// The chat script, built in so that the default works from any directory.
 pub const BUILTIN_CHAT_SCRIPT: &str = include_str!("../../rooms/chat-room.js");
 
@@ -219,25 +244,58 @@ impl Config {
         }
     }
 
-    /// The room script's name (for stack traces) and source. The default path falls back to
-    /// the built-in copy, so `cargo run` works from any directory.
-    pub fn load_room_script(&self) -> std::io::Result<(String, String)> {
-        let name = self
-            .room_script
+    /// The room kinds served: those of `--room`, and the default kind from `--room-script`
+    /// unless `--room room=PATH` names it. Fails on a kind named twice.
+    pub fn kinds(&self) -> Result<Vec<RoomKind>, String> {
+        let mut kinds = self.rooms.clone();
+        for (i, kind) in kinds.iter().enumerate() {
+            if kinds[..i].iter().any(|earlier| earlier.prefix == kind.prefix) {
+                return Err(format!("--room: the kind {:?} is given twice", kind.prefix));
+            }
+        }
+        match (kinds.iter().any(|k| k.prefix == DEFAULT_KIND), &self.room_script) {
+            (true, Some(_)) => return Err(format!(
+                "--room-script and --room {DEFAULT_KIND}=PATH both name the {DEFAULT_KIND} kind's script; \
+                     keep --room {DEFAULT_KIND}=PATH, which replaces --room-script"
+            )),
+            (true, None) => {}
+            (false, script) => {
+                let script = script.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_ROOM_SCRIPT));
+                kinds.insert(0, RoomKind { prefix: DEFAULT_KIND.to_owned(), script });
+            }
+        }
+        Ok(kinds)
+    }
+
+    /// Whether topics with this prefix are rooms this gateway serves (the default kind always).
+    pub fn has_kind(&self, prefix: &str) -> bool {
+        prefix == DEFAULT_KIND || self.rooms.iter().any(|k| k.prefix == prefix)
+    }
+
+    /// The kind's script: its name (for stack traces) and source. The default path falls back
+    /// to the built-in chat, so `cargo run` works from any directory.
+    pub fn load_script(&self, kind: &str) -> std::io::Result<(String, String)> {
+        let script = match self.rooms.iter().find(|k| k.prefix == kind) {
+            Some(room_kind) => room_kind.script.clone(),
+            None if kind == DEFAULT_KIND => {
+                self.room_script.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_ROOM_SCRIPT))
+            }
+            None => return Err(std::io::Error::other(format!("no room kind {kind:?}"))),
+        };
+        let name = script
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "room.js".to_owned());
-        match std::fs::read_to_string(&self.room_script) {
+        match std::fs::read_to_string(&script) {
             Ok(source) => Ok((name, source)),
             Err(e)
-                if e.kind() == std::io::ErrorKind::NotFound
-                    && self.room_script.as_os_str() == DEFAULT_ROOM_SCRIPT =>
+                if e.kind() == std::io::ErrorKind::NotFound && script.as_os_str() == DEFAULT_ROOM_SCRIPT =>
             {
                 Ok((name, BUILTIN_CHAT_SCRIPT.to_owned()))
             }
             Err(e) => Err(std::io::Error::new(
                 e.kind(),
-                format!("cannot read room script {}: {e}", self.room_script.display()),
+                format!("cannot read room script {}: {e}", script.display()),
             )),
         }
     }

@@ -39,6 +39,11 @@ const SOCKET_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 pub fn main() -> ExitCode {
     let config = Config::parse();
+    // What clap cannot check flag by flag: the room kinds together.
+    if let Err(e) = config.kinds() {
+        eprintln!("gateway: {e}");
+        return ExitCode::from(2);
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
@@ -114,6 +119,11 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         connections: connections.clone(),
     };
 
+    if let Ok(kinds) = config.kinds() {
+        let kinds: Vec<String> =
+            kinds.iter().map(|k| format!("{}:* -> {}", k.prefix, k.script.display())).collect();
+        tracing::info!("room kinds: {}", kinds.join(", "));
+    }
     // Tests and scripts read this line to learn the port when started with --port 0.
     println!("roomvisor gateway listening on http://{address}");
     tracing::info!(

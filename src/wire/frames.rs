@@ -17,6 +17,8 @@ pub enum ToWorker {
     /// Always the first frame: which room this runtime is and what it runs.
     Start {
         room_id: String,
+        /// The room's kind (its topic is `kind:room_id`).
+        kind: String,
         script_name: String,
         script: String,
         limits: RuntimeLimits,

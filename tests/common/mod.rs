@@ -427,7 +427,7 @@ fn unique() -> u64 {
 pub fn supervisor(script: &Path, js_cpu_ms: u64) -> roomvisor::gateway::rooms::Supervisor {
     let config = roomvisor::gateway::config::Config {
         worker_bin: Some(PathBuf::from(env!("CARGO_BIN_EXE_room-worker"))),
-        room_script: script.to_path_buf(),
+        room_script: Some(script.to_path_buf()),
         js_cpu_ms,
         ..Default::default()
     };

@@ -16,6 +16,7 @@ use crate::wire::ScriptError;
 
 #[derive(Serialize, Deserialize)]
 struct CallRequest {
+    /// The room's topic, `kind:id`.
     room: String,
     function: String,
     args: String,
@@ -85,7 +86,7 @@ pub async fn call(
     args: String,
     timeout: Duration,
 ) -> Result<String, RemoteCallError> {
-    let request = CallRequest { room: room.to_string(), function: function.to_owned(), args };
+    let request = CallRequest { room: room.topic(), function: function.to_owned(), args };
     let body = serde_json::to_vec(&request).map_err(failed)?;
     let request = async_nats::Request::new().payload(Bytes::from(body)).timeout(Some(timeout));
     let answer = match client.send_request(subjects::node_calls(node.as_str()), request).await {
@@ -123,7 +124,7 @@ pub async fn serve(client: async_nats::Client, node: NodeId, supervisor: Supervi
         let (client, supervisor) = (client.clone(), supervisor.clone());
         tokio::spawn(async move {
             let reply = match serde_json::from_slice::<CallRequest>(&message.payload) {
-                Ok(request) => match RoomId::parse(&request.room) {
+                Ok(request) => match RoomId::from_topic(&request.room) {
                     Ok(room) => {
                         match supervisor.call_here(None, &room, &request.function, request.args).await {
                             Some(Ok(result)) => CallReply::Ok(result),

@@ -89,11 +89,11 @@ async fn renew_one(
     revision: u64,
 ) -> Result<Option<u64>, LeaseError> {
     let value = encode_holder(holder);
-    match store.update(room.as_str(), value.clone(), revision).await {
+    match store.update(room.key().as_str(), value.clone(), revision).await {
         Ok(revision) => Ok(Some(revision)),
         // Expired (an outage longer than the lease, or a restarted server): claim it again
         // if nobody else has.
-        Err(_) => match store.create(room.as_str(), value).await {
+        Err(_) => match store.create(room.key().as_str(), value).await {
             Ok(revision) => Ok(Some(revision)),
             Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
             Err(e) => Err(LeaseError::nats(e)),
@@ -156,20 +156,20 @@ impl Leases {
 
     /// The room's holder, if its lease is alive.
     pub async fn holder(&self, room: &RoomId) -> Result<Option<Holder>, LeaseError> {
-        let value = self.store()?.get(room.as_str()).await.map_err(LeaseError::nats)?;
+        let value = self.store()?.get(room.key().as_str()).await.map_err(LeaseError::nats)?;
         Ok(value.map(|v| decode_holder(&v)))
     }
 
     /// Claims the room for `holder` unless a live lease names someone else.
     pub async fn claim(&self, room: &RoomId, holder: Holder) -> Result<Claim, LeaseError> {
         let store = self.store()?;
-        match store.create(room.as_str(), encode_holder(&holder)).await {
+        match store.create(room.key().as_str(), encode_holder(&holder)).await {
             Ok(revision) => {
                 self.held().insert(room.clone(), (holder, revision));
                 Ok(Claim::Ours)
             }
             Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
-                let entry = store.entry(room.as_str()).await.map_err(LeaseError::nats)?;
+                let entry = store.entry(room.key().as_str()).await.map_err(LeaseError::nats)?;
                 let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
                     // Expired between the two calls: the next attempt will get it.
                     return Err(LeaseError::Moved);
@@ -181,7 +181,7 @@ impl Leases {
                 // Our own lease on a runtime that is gone (it ended before its release
                 // reached NATS): take it over for the new runtime.
                 let value = encode_holder(&holder);
-                match store.update(room.as_str(), value, entry.revision).await {
+                match store.update(room.key().as_str(), value, entry.revision).await {
                     Ok(revision) => {
                         self.held().insert(room.clone(), (holder, revision));
                         Ok(Claim::Ours)
@@ -207,7 +207,7 @@ impl Leases {
             }
         };
         if let Ok(store) = self.store() {
-            if let Err(e) = store.delete_expect_revision(room.as_str(), Some(revision)).await {
+            if let Err(e) = store.delete_expect_revision(room.key().as_str(), Some(revision)).await {
                 tracing::debug!(room = %room, "releasing the room's lease: {e}");
             }
         }

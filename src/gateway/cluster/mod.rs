@@ -105,22 +105,23 @@ impl Cluster {
     pub async fn rooms(&self, supervisor: &Supervisor) -> Vec<RoomInfo> {
         let mut rooms = supervisor.rooms();
         let Ok(leases) = self.inner.leases.all().await else { return rooms };
-        for (id, holder) in leases {
-            if holder.node == self.inner.node || rooms.iter().any(|r| r.id == id) {
+        for (key, holder) in leases {
+            let Ok(room) = RoomId::from_key(&key) else { continue };
+            let listed = rooms.iter().any(|r| r.id == room.as_str() && r.kind == room.kind());
+            if holder.node == self.inner.node || listed {
                 continue;
             }
-            let subscribers =
-                RoomId::parse(&id).map(|r| self.inner.pubsub.socket_count(&r.topic())).unwrap_or(0);
             rooms.push(RoomInfo {
-                id,
+                id: room.as_str().to_owned(),
+                kind: room.kind().to_owned(),
                 node: holder.node.to_string(),
                 pid: None,
                 started_at: None,
-                subscribers,
+                subscribers: self.inner.pubsub.socket_count(&room.topic()),
                 calls: None,
             });
         }
-        rooms.sort_by(|a, b| a.id.cmp(&b.id));
+        rooms.sort_by(|a, b| (&a.kind, &a.id).cmp(&(&b.kind, &b.id)));
         rooms
     }
 }

@@ -42,7 +42,7 @@ impl Launcher for ProcessLauncher {
     fn launch(&self, room: &RoomId, runtime: RuntimeId) -> Result<Launched, RoomError> {
         let config = &self.config;
         let (script_name, script) =
-            config.load_room_script().map_err(|e| RoomError::ScriptUnreadable(Arc::new(e)))?;
+            config.load_script(room.kind()).map_err(|e| RoomError::ScriptUnreadable(Arc::new(e)))?;
         let (worker_path, worker_argv0) = config.worker_command().map_err(|e| {
             tracing::error!(room = %room, "cannot find the room-worker executable: {e}");
             RoomError::WorkerNotFound(Arc::new(e))

@@ -16,7 +16,7 @@ mod supervisor;
 #[cfg(test)]
 mod tests;
 
-pub use crate::gateway::ids::{InvalidRoomId, NodeId, RoomId, RuntimeId, TOPIC_PREFIX};
+pub use crate::gateway::ids::{InvalidRoomId, NodeId, RoomId, RuntimeId, DEFAULT_KIND};
 pub use error::{PlacementError, RoomError};
 pub use handle::{ExitReason, ExitReport, RoomHandle};
 pub use placement::{BoxFuture, Claim, Holder, Placement, RemoteCallError};

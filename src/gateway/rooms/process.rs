@@ -131,7 +131,8 @@ impl Actor {
         let room = self.spec.room.clone();
         tracing::info!(room = %room, pid = self.pid, runtime = %self.spec.runtime, "room worker started");
         let start = ToWorker::Start {
-            room_id: room.to_string(),
+            room_id: room.as_str().to_owned(),
+            kind: room.kind().to_owned(),
             script_name: self.spec.script_name.clone(),
             script: std::mem::take(&mut self.spec.script),
             limits: self.spec.limits,

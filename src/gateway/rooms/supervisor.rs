@@ -51,6 +51,8 @@ pub(super) struct State {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct RoomInfo {
     pub id: String,
+    /// The room's kind: the prefix of its topic.
+    pub kind: String,
     /// The node that runs the room.
     pub node: String,
     /// The worker's pid, started_at (ms since the Unix epoch) and calls are known only on the
@@ -180,7 +182,8 @@ impl Supervisor {
             .iter()
             .filter_map(|(id, slot)| match slot {
                 Slot::Live(handle) => Some(RoomInfo {
-                    id: id.to_string(),
+                    id: id.as_str().to_owned(),
+                    kind: id.kind().to_owned(),
                     node: self.inner.node.to_string(),
                     pid: Some(handle.pid),
                     started_at: Some(handle.started_at_ms),
@@ -190,7 +193,7 @@ impl Supervisor {
                 Slot::Starting { .. } => None,
             })
             .collect();
-        rooms.sort_by(|a, b| a.id.cmp(&b.id));
+        rooms.sort_by(|a, b| (&a.kind, &a.id).cmp(&(&b.kind, &b.id)));
         rooms
     }
 

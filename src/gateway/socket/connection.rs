@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::channel::{Channel, ChannelEnded, Subscription};
 use super::SocketContext;
 use crate::gateway::phoenix::{self, Closing, Frame, Outbox, Reply, TokenBucket};
-use crate::gateway::rooms::{RoomId, TOPIC_PREFIX};
+use crate::gateway::rooms::RoomId;
 
 /// Malformed frames tolerated before the socket is closed as broken.
 const MAX_MALFORMED_FRAMES: u32 = 10;
@@ -192,7 +192,9 @@ impl Connection {
     }
 
     fn join(&mut self, frame: Frame) {
-        if !frame.topic.starts_with(TOPIC_PREFIX) {
+        // A topic names a room of a configured kind (`kind:id`); anything else is not served.
+        let served = frame.topic.split_once(':').is_some_and(|(kind, _)| self.ctx.config.has_kind(kind));
+        if !served {
             self.outbox.send(frame.reply_error("unmatched topic"));
             return;
         }

@@ -86,6 +86,7 @@ impl Engine {
     /// Creates the runtime, installs the API and evaluates the room script.
     pub fn start(
         room_id: &str,
+        kind: &str,
         script_name: &str,
         script: &str,
         limits: &RuntimeLimits,
@@ -120,8 +121,10 @@ impl Engine {
                 .eval_with_options(PRELUDE, eval_options("prelude.js", true))
                 .catch(&ctx)
                 .map_err(|e| to_script_error(e, &budget))?;
-            let hooks: Object =
-                install.call((natives, room_id)).catch(&ctx).map_err(|e| to_script_error(e, &budget))?;
+            let hooks: Object = install
+                .call((natives, room_id, kind))
+                .catch(&ctx)
+                .map_err(|e| to_script_error(e, &budget))?;
             ctx.eval_with_options::<(), _>(script, eval_options(script_name, false))
                 .catch(&ctx)
                 .map_err(|e| with_location(to_script_error(e, &budget)))?;

@@ -2,7 +2,7 @@
 // on a handful of natives. Evaluated before the room script as a function expression: it
 // installs the globals and returns the hooks the Rust event loop drives. Nothing here is
 // engine-specific, so a V8 backend can reuse it unchanged.
-(function (native, roomId) {
+(function (native, roomId, roomKind) {
   "use strict";
 
   const toJson = (value) => {
@@ -50,7 +50,7 @@
     }),
   );
 
-  define("Room", Object.freeze({ id: roomId }));
+  define("Room", Object.freeze({ id: roomId, kind: roomKind, topic: roomKind + ":" + roomId }));
 
   // ---- Beam: host handlers in the gateway ----
   const pendingHostCalls = new Map();

@@ -48,7 +48,7 @@ fn start(script: &str, cpu_ms: u64) -> Result<(Engine, Rc<StandInHost>), ScriptE
     let host = Rc::new(StandInHost::default());
     let limits =
         RuntimeLimits { heap_bytes: 32 * 1024 * 1024, cpu_ms_per_call: cpu_ms, max_frame_bytes: 1 << 20 };
-    let engine = Engine::start("test-room", "room.js", script, &limits, host.clone())?;
+    let engine = Engine::start("test-room", "game", "room.js", script, &limits, host.clone())?;
     Ok((engine, host))
 }
 
@@ -100,6 +100,14 @@ fn a_syntax_error_fails_the_start_and_names_where() {
     let error = start("function broken( {", 1_000).err().expect("the start fails");
     assert!(error.message.starts_with("SyntaxError"), "{}", error.message);
     assert!(error.message.contains("room.js:1"), "{}", error.message);
+}
+
+#[test]
+fn the_script_knows_its_room() {
+    let (engine, host) =
+        start("function whoami() { return [Room.id, Room.kind, Room.topic]; }", 1_000).unwrap();
+    engine.call(1, "whoami", "[]");
+    assert_eq!(last_reply(&host), (1, Ok(r#"["test-room","game","game:test-room"]"#.to_owned())));
 }
 
 #[test]
