@@ -177,6 +177,9 @@ where
 
 pub const DEFAULT_ROOM_SCRIPT: &str = "rooms/chat-room.js";
 
+const BOTH_NAME_THE_DEFAULT_KIND: &str = "--room-script and --room room=PATH both name the room kind's \
+     script; keep --room room=PATH, which replaces --room-script";
+
 /// One kind of room: its topic prefix and its script.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomKind {
@@ -253,16 +256,13 @@ impl Config {
                 return Err(format!("--room: the kind {:?} is given twice", kind.prefix));
             }
         }
-        match (kinds.iter().any(|k| k.prefix == DEFAULT_KIND), &self.room_script) {
-            (true, Some(_)) => return Err(format!(
-                "--room-script and --room {DEFAULT_KIND}=PATH both name the {DEFAULT_KIND} kind's script; \
-                     keep --room {DEFAULT_KIND}=PATH, which replaces --room-script"
-            )),
-            (true, None) => {}
-            (false, script) => {
-                let script = script.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_ROOM_SCRIPT));
-                kinds.insert(0, RoomKind { prefix: DEFAULT_KIND.to_owned(), script });
-            }
+        let names_default_kind = kinds.iter().any(|k| k.prefix == DEFAULT_KIND);
+        if names_default_kind && self.room_script.is_some() {
+            return Err(BOTH_NAME_THE_DEFAULT_KIND.to_owned());
+        }
+        if !names_default_kind {
+            let script = self.room_script.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_ROOM_SCRIPT));
+            kinds.insert(0, RoomKind { prefix: DEFAULT_KIND.to_owned(), script });
         }
         Ok(kinds)
     }
