@@ -261,10 +261,14 @@ impl Config {
             return Err(BOTH_NAME_THE_DEFAULT_KIND.to_owned());
         }
         if !names_default_kind {
-            let script = self.room_script.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_ROOM_SCRIPT));
-            kinds.insert(0, RoomKind { prefix: DEFAULT_KIND.to_owned(), script });
+            kinds.insert(0, RoomKind { prefix: DEFAULT_KIND.to_owned(), script: self.default_kind_script() });
         }
         Ok(kinds)
+    }
+
+    /// The `room` kind's script when `--room room=PATH` does not name it.
+    fn default_kind_script(&self) -> PathBuf {
+        self.room_script.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_ROOM_SCRIPT))
     }
 
     /// Whether topics with this prefix are rooms this gateway serves (the default kind always).
@@ -277,9 +281,7 @@ impl Config {
     pub fn load_script(&self, kind: &str) -> std::io::Result<(String, String)> {
         let script = match self.rooms.iter().find(|k| k.prefix == kind) {
             Some(room_kind) => room_kind.script.clone(),
-            None if kind == DEFAULT_KIND => {
-                self.room_script.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_ROOM_SCRIPT))
-            }
+            None if kind == DEFAULT_KIND => self.default_kind_script(),
             None => return Err(std::io::Error::other(format!("no room kind {kind:?}"))),
         };
         let name = script

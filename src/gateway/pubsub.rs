@@ -104,12 +104,8 @@ impl PubSub {
 
     pub fn subscribe_socket(&self, topic: &str, outbox: Outbox) -> SubscriptionId {
         let id = SubscriptionId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        self.write(|topics| {
-            let entry = topics.entry(topic.to_owned()).or_default();
-            if entry.is_empty() {
-                self.tell_cluster(ClusterCommand::Open(topic.to_owned()));
-            }
-            entry.sockets.insert(id, outbox);
+        self.add(topic, |t| {
+            t.sockets.insert(id, outbox);
         });
         id
     }
@@ -121,12 +117,8 @@ impl PubSub {
     }
 
     pub fn subscribe_runtime(&self, channel: &str, runtime: RuntimeId, inbox: RuntimeInbox) {
-        self.write(|topics| {
-            let entry = topics.entry(channel.to_owned()).or_default();
-            if entry.is_empty() {
-                self.tell_cluster(ClusterCommand::Open(channel.to_owned()));
-            }
-            entry.runtimes.insert(runtime, inbox);
+        self.add(channel, |t| {
+            t.runtimes.insert(runtime, inbox);
         });
     }
 
@@ -188,6 +180,17 @@ impl PubSub {
     fn write(&self, f: impl FnOnce(&mut HashMap<String, Topic>)) {
         let mut topics = self.topics.write_or_recover();
         f(&mut topics)
+    }
+
+    /// Adds a subscriber with `f`; the first on a topic opens it in the cluster.
+    fn add(&self, topic: &str, f: impl FnOnce(&mut Topic)) {
+        self.write(|topics| {
+            let entry = topics.entry(topic.to_owned()).or_default();
+            if entry.is_empty() {
+                self.tell_cluster(ClusterCommand::Open(topic.to_owned()));
+            }
+            f(entry);
+        })
     }
 
     fn remove(&self, topic: &str, f: impl FnOnce(&mut Topic)) {
