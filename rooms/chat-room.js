@@ -1,12 +1,38 @@
 // The chat room. Its whole state is this array: no database, gone when the runtime is.
-// The gateway calls the top-level functions by name.
+// The gateway runs the hooks (onJoin, onEvent); the plain functions stay callable by name
+// (the original design's API, and what operators and tests call through the gateway).
 
 const MAX_MESSAGES = 1000;
 
 const state = { messages: [], nextId: 1 };
 
-// Posting on the room's own topic reaches every Phoenix client joined to it as `new_message`.
-const channel = new BroadcastChannel(Room.topic);
+// A join gets the latest messages; `Room.settings` carries the gateway's --history-on-join.
+function onJoin(conn, params) {
+  return { messages: getHistory(Room.settings.historyOnJoin) };
+}
+
+function onEvent(conn, event, payload) {
+  if (event !== "send_message") Room.refuse("unknown event");
+  const { sender, text } = checkMessage(payload);
+  return sendMessage(sender, text);
+}
+
+// The limits come from the gateway's --max-sender-chars and --max-text-chars.
+function checkMessage(payload) {
+  const invalid = 'invalid payload: expected {"sender": string, "text": string}';
+  if (payload === null || typeof payload !== "object" || Array.isArray(payload)) Room.refuse(invalid);
+  const { sender, text } = payload;
+  if (typeof sender !== "string" || typeof text !== "string") Room.refuse(invalid);
+  checkField("sender", sender, Room.settings.maxSenderChars);
+  checkField("text", text, Room.settings.maxTextChars);
+  return { sender, text };
+}
+
+function checkField(name, value, maxChars) {
+  if (value.trim() === "") Room.refuse(`${name} must not be blank`);
+  // Characters, not UTF-16 units: an emoji counts once.
+  if ([...value].length > maxChars) Room.refuse(`${name} is longer than ${maxChars} characters`);
+}
 
 function sendMessage(sender, text) {
   const message = {
@@ -22,7 +48,7 @@ function sendMessage(sender, text) {
   while (state.messages.length > MAX_MESSAGES) {
     state.messages.shift();
   }
-  channel.postMessage(message);
+  Room.broadcast("new_message", message);
   return message;
 }
 

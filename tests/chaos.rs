@@ -126,7 +126,9 @@ impl Report {
                 }
                 None => self.problems.push(format!("new_message without a text: {}", frame.raw)),
             },
-            "room_reset" if broadcast => {
+            // To everyone when the room could not restart at once; to this join, with its
+            // new join response, when the restarted room replayed it.
+            "room_reset" if frame.topic == topic(self.room) && frame.msg_ref.is_none() => {
                 self.resets += 1;
                 if frame.payload.reason.as_deref() != Some("room worker exited") {
                     self.problems.push(format!("room_reset without the reason: {}", frame.raw));

@@ -183,20 +183,25 @@ async fn blank_or_oversize_messages_are_refused_and_not_stored() {
 }
 
 #[tokio::test]
-async fn killing_a_worker_resets_the_room_and_the_next_message_starts_a_fresh_one() {
+async fn killing_a_worker_restarts_the_room_at_once_and_replays_its_joins() {
     let gateway = Gateway::start(&[]);
     let mut ann = gateway.connect().await;
     let mut bob = gateway.connect().await;
     let (ann_ref, _) = ann.join_ok("room:phoenix").await;
-    bob.join_ok("room:phoenix").await;
+    let (bob_ref, _) = bob.join_ok("room:phoenix").await;
     ann.send_message(&ann_ref, "room:phoenix", "ann", "before").await;
     let old_pid = gateway.wait_room_pid("phoenix");
 
     kill9(old_pid);
-    for client in [&mut ann, &mut bob] {
+    // Each join hears the reset on its own join_ref, with the join response of the new
+    // runtime: an empty history, since the old runtime's state is gone.
+    for (client, join_ref) in [(&mut ann, &ann_ref), (&mut bob, &bob_ref)] {
         let reset = client.next_event("room_reset").await;
+        assert_eq!(reset[0], json!(join_ref), "{reset}");
         assert_eq!(reset[2], "room:phoenix");
         assert_eq!(reset[4]["reason"], "room worker exited");
+        assert!(reset[4]["detail"].as_str().unwrap_or_default().contains("signal: 9"), "{reset}");
+        assert_eq!(reset[4]["response"], json!({"messages": []}), "{reset}");
     }
     // The exit line for exactly this pid (not its start line, not pid=123 for pid=12), which
     // the gateway writes once it has reaped the worker.
@@ -209,18 +214,18 @@ async fn killing_a_worker_resets_the_room_and_the_next_message_starts_a_fresh_on
         "the killed worker {old_pid} is gone from /proc, not even a zombie: {:?}",
         common::process(old_pid)
     );
-    common::wait_for(|| gateway.room_pid("phoenix").is_none().then_some(()))
-        .expect("the dead worker is unregistered");
     assert!(workers_of(gateway.pid()).iter().all(|p| p.pid != old_pid), "the killed worker was reaped");
+    // Restarted before anyone used it: it had joins to replay.
+    let new_pid = gateway.wait_room_pid("phoenix");
+    assert_ne!(new_pid, old_pid);
 
-    // Still joined: the next message starts a fresh runtime with empty state.
+    // Still joined, on the fresh runtime with empty state.
     let reply = ann.send_message(&ann_ref, "room:phoenix", "ann", "after").await;
     assert_eq!(reply["status"], "ok", "{reply}");
     assert_eq!(reply["response"]["id"], 1, "a fresh runtime numbers from 1");
     let after = bob.recv_until(|f| f[3] == "new_message" && f[4]["text"] == "after").await;
     assert_eq!(after[4]["id"], 1);
-    let new_pid = gateway.wait_room_pid("phoenix");
-    assert_ne!(new_pid, old_pid);
+    assert_eq!(gateway.room_pid("phoenix"), Some(new_pid));
     let mut carol = gateway.connect().await;
     let (_, history) = carol.join_ok("room:phoenix").await;
     assert_eq!(history.len(), 1);

@@ -114,16 +114,19 @@ async fn script_errors_host_calls_timers_and_budgets() {
     let supervisor = common::supervisor(&script, 200);
     let r = room("api");
 
+    // A script's exceptions reach clients as "internal error"; the message is for the log.
     let error = supervisor.call(&r, "callUnknownHandler", "[]".into()).await.unwrap_err();
-    assert!(error.reason().contains("no_such_handler"), "{error}");
+    assert_eq!(error.reason(), "internal error");
+    assert!(error.detail().contains("no_such_handler"), "{error:?}");
 
     let error = supervisor.call(&r, "throwing", "[]".into()).await.unwrap_err();
-    assert_eq!(error.reason(), "nope, says the script");
+    assert_eq!(error.reason(), "internal error");
+    assert!(error.detail().starts_with("nope, says the script"), "{error:?}");
 
     let error = supervisor.call(&r, "noSuchFunction", "[]".into()).await.unwrap_err();
-    assert!(error.reason().contains("noSuchFunction"), "{error}");
+    assert!(error.detail().contains("noSuchFunction"), "{error:?}");
     let error = supervisor.call(&r, "eval", r#"["1+1"]"#.into()).await.unwrap_err();
-    assert!(error.reason().contains("no function named"), "builtins are not callable: {error}");
+    assert!(error.detail().contains("no function named"), "builtins are not callable: {error}");
 
     let (outbox, mut frames) = roomvisor::gateway::phoenix::Outbox::new(8);
     supervisor.pubsub().subscribe_socket("room:api", outbox);
@@ -157,9 +160,11 @@ async fn a_script_with_a_syntax_error_fails_the_join_without_a_respawn_loop() {
     let mut client = gateway.connect().await;
     let (_, reply) = client.join("room:broken").await;
     assert_eq!(reply["status"], "error");
-    let reason = reply["response"]["reason"].as_str().unwrap();
-    assert!(reason.starts_with("SyntaxError: "), "the script's error: {reason}");
-    assert!(reason.contains("(at broken.js:"), "where the error is: {reason}");
+    // The client hears that the room cannot start; the log says why and where.
+    assert_eq!(reply["response"]["reason"], "room unavailable: the room script failed to start");
+    let logged = common::wait_for(|| gateway.log_lines_now().into_iter().find(|l| l.contains("SyntaxError")))
+        .expect("the syntax error is logged");
+    assert!(logged.contains("broken.js:"), "where the error is: {logged}");
 
     // Nothing respawns on its own: the failed worker is reaped and none appears later.
     assert_no_workers_stay(&gateway, 1).await;
@@ -273,9 +278,7 @@ async fn a_throwing_looping_or_hogging_call_fails_alone_and_the_room_keeps_its_s
 
     let reply = client.send_message(&join_ref, "room:fragile", "ann", "first").await;
     assert_eq!(reply["status"], "ok", "{reply}");
-    for (text, reason) in
-        [("throw", "the script refused: throw"), ("spin", "timeout"), ("hog", "out of memory")]
-    {
+    for (text, reason) in [("throw", "internal error"), ("spin", "timeout"), ("hog", "out of memory")] {
         let reply = client.send_message(&join_ref, "room:fragile", "ann", text).await;
         assert_eq!(reply, json!({"status": "error", "response": {"reason": reason}}), "{text}");
         // Other rooms never wait on this one.
@@ -283,6 +286,8 @@ async fn a_throwing_looping_or_hogging_call_fails_alone_and_the_room_keeps_its_s
             neighbour.send_message(&neighbour_ref, "room:neighbour", "bob", &format!("while {text}")).await;
         assert_eq!(other["status"], "ok", "{other}");
     }
+    let logged = common::wait_for(|| gateway.log_contains_now("the script refused: throw").then_some(()));
+    assert!(logged.is_some(), "the exception's message goes to the log");
     let reply = client.send_message(&join_ref, "room:fragile", "ann", "second").await;
     assert_eq!(reply["response"]["id"], 2, "the failed calls stored nothing and lost nothing");
     assert_eq!(gateway.room_pid("fragile"), Some(pid), "the same runtime survived all three");

@@ -2,9 +2,9 @@
 //! supervisor behind, the cluster beside. This module starts it all and shuts it down in
 //! order.
 
-pub mod chat;
 pub(crate) mod cluster;
 pub mod config;
+pub mod hooks;
 mod http;
 pub mod ids;
 mod listener;
@@ -25,7 +25,6 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
-use chat::Chat;
 use cluster::Cluster;
 use config::Config;
 use http::AppState;
@@ -104,7 +103,6 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         socket: SocketContext {
             supervisor: supervisor.clone(),
             config: config.clone(),
-            chat: Chat::new(&config),
             shutdown: shutdown.clone(),
             // Replaced by each connection's own.
             caller: rooms::Caller {

@@ -5,21 +5,80 @@
 //! Nothing here awaits: a publisher never waits for a slow subscriber. A socket whose queue
 //! is full is flagged as overflowed and its connection closes itself.
 //!
+//! Every socket subscriber is a join of the topic (a [`Join`], with the conn id its room's
+//! script knows it by), so a room can speak to one join (`push`), to all but some
+//! (`broadcast_except`), and the supervisor can replay a room's joins into a new runtime. A
+//! join is *held* until its room accepts it: what is published meanwhile waits, and is sent
+//! after the join's reply or dropped with a refused join, so a refused client sees nothing of
+//! the room.
+//!
 //! In a cluster, the PubSub also tells the cluster bridge which topics this node has open and
 //! hands it what is published here; what other nodes publish comes back through the
 //! `*_from_cluster` entry points and is delivered locally only, so nothing is delivered twice.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
+use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::gateway::ids::RuntimeId;
-use crate::gateway::phoenix::Outbox;
-use crate::util::RwLockExt;
+use crate::gateway::phoenix::{self, Outbox};
+use crate::util::{LockExt, RwLockExt};
+
+/// Frames held for a join its room has not accepted yet; past either bound the socket is
+/// treated as one that does not keep up.
+const MAX_HELD_FRAMES: usize = 1024;
+const MAX_HELD_BYTES: usize = 4 * 1024 * 1024;
+
+/// One socket's join of a topic.
+#[derive(Debug)]
+pub struct Join {
+    /// The id the room's script knows this join by (`conn.id`); unique in the cluster.
+    pub conn: Arc<str>,
+    pub join_ref: Option<String>,
+    /// The join's payload, handed to `onJoin` again when a new runtime replays the join.
+    pub params: Box<RawValue>,
+    /// Cancelled when the gateway ends this join itself (a new runtime refused its replay).
+    pub closed: CancellationToken,
+}
+
+struct Member {
+    outbox: Outbox,
+    join: Arc<Join>,
+    /// Frames published before the room accepted the join; `None` once it has.
+    held: Option<Mutex<Held>>,
+    /// A listener that never joined a room (see `subscribe_socket`): never replayed.
+    listener: bool,
+}
+
+#[derive(Default)]
+struct Held {
+    frames: Vec<Utf8Bytes>,
+    bytes: usize,
+}
+
+impl Member {
+    fn send(&self, frame: &Utf8Bytes) -> bool {
+        let Some(held) = &self.held else { return self.outbox.send(frame.clone()) };
+        let mut held = held.lock_or_recover();
+        if held.frames.len() >= MAX_HELD_FRAMES || held.bytes + frame.len() > MAX_HELD_BYTES {
+            self.outbox.overflowed().cancel();
+            return false;
+        }
+        held.bytes += frame.len();
+        held.frames.push(frame.clone());
+        true
+    }
+
+    fn is_admitted(&self) -> bool {
+        self.held.is_none()
+    }
+}
 
 /// A BroadcastChannel message on its way to a runtime.
 #[derive(Clone, Debug)]
@@ -36,7 +95,7 @@ pub struct SubscriptionId(u64);
 
 #[derive(Default)]
 struct Topic {
-    sockets: HashMap<SubscriptionId, Outbox>,
+    sockets: HashMap<SubscriptionId, Member>,
     runtimes: HashMap<RuntimeId, RuntimeInbox>,
 }
 
@@ -55,6 +114,10 @@ pub enum ClusterCommand {
     Close(String),
     /// A frame for the topic's sockets, encoded once.
     PublishFrame { topic: String, frame: Utf8Bytes },
+    /// A frame for the topic's sockets but the joins named in `except`.
+    PublishFrameExcept { topic: String, frame: Utf8Bytes, except: Vec<String> },
+    /// An event for one join of the topic, on whichever node holds it.
+    PublishPush { topic: String, conn: String, event: String, payload: Box<RawValue> },
     /// A BroadcastChannel post, for the runtimes with the channel open.
     PublishPost(ChannelMessage),
     /// Answered once everything before it, subscriptions included, has reached NATS.
@@ -66,6 +129,8 @@ pub struct PubSub {
     topics: RwLock<HashMap<String, Topic>>,
     next_id: AtomicU64,
     cluster: OnceLock<mpsc::UnboundedSender<ClusterCommand>>,
+    /// In a cluster, `"<node>."`: conn ids name the node that holds the join.
+    conn_prefix: OnceLock<String>,
 }
 
 /// How long a join waits for its topic's cluster subscription before it goes on anyway.
@@ -78,7 +143,8 @@ impl PubSub {
 
     /// Joins this PubSub to a cluster: from now on it reports topics opened and closed and
     /// hands over what is published here. Topics already open are reported at once.
-    pub fn attach_cluster(&self, commands: mpsc::UnboundedSender<ClusterCommand>) {
+    pub fn attach_cluster(&self, node: &str, commands: mpsc::UnboundedSender<ClusterCommand>) {
+        let _ = self.conn_prefix.set(format!("{node}."));
         let open: Vec<String> = self.topics.read_or_recover().keys().cloned().collect();
         for topic in open {
             let _ = commands.send(ClusterCommand::Open(topic));
@@ -102,12 +168,122 @@ impl PubSub {
         }
     }
 
+    /// Subscribes a socket that listens without joining a room (tests, tools): admitted at
+    /// once, with a conn id no room knows.
     pub fn subscribe_socket(&self, topic: &str, outbox: Outbox) -> SubscriptionId {
-        let id = SubscriptionId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        self.add(topic, |t| {
-            t.sockets.insert(id, outbox);
-        });
+        let (id, _) = self.subscribe(topic, outbox, None, RawValue::NULL.to_owned(), true);
+        self.admit(topic, id);
         id
+    }
+
+    /// Subscribes a socket's join of the topic, held until [`PubSub::admit`]: the room has not
+    /// accepted it yet.
+    pub fn subscribe_join(
+        &self,
+        topic: &str,
+        outbox: Outbox,
+        join_ref: Option<String>,
+        params: Box<RawValue>,
+    ) -> (SubscriptionId, Arc<Join>) {
+        self.subscribe(topic, outbox, join_ref, params, false)
+    }
+
+    fn subscribe(
+        &self,
+        topic: &str,
+        outbox: Outbox,
+        join_ref: Option<String>,
+        params: Box<RawValue>,
+        listener: bool,
+    ) -> (SubscriptionId, Arc<Join>) {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = SubscriptionId(n);
+        let prefix = self.conn_prefix.get().map(String::as_str).unwrap_or_default();
+        let conn: Arc<str> = format!("{prefix}{n}").into();
+        let join = Arc::new(Join { conn, join_ref, params, closed: CancellationToken::new() });
+        let member = Member { outbox, join: join.clone(), held: Some(Mutex::default()), listener };
+        self.add(topic, |t| {
+            t.sockets.insert(id, member);
+        });
+        (id, join)
+    }
+
+    /// The room accepted the join (its reply is queued): what was held for it follows the
+    /// reply, and from now on frames go straight to the socket.
+    pub fn admit(&self, topic: &str, id: SubscriptionId) {
+        // Under the write lock, so no publisher can slip a frame in between the held ones.
+        self.write(|topics| {
+            let Some(member) = topics.get_mut(topic).and_then(|t| t.sockets.get_mut(&id)) else { return };
+            if let Some(held) = member.held.take() {
+                let held = held.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+                for frame in held.frames {
+                    member.outbox.send(frame);
+                }
+            }
+        })
+    }
+
+    /// This node's admitted joins of the topic, in the order they were made.
+    pub fn joins(&self, topic: &str) -> Vec<Arc<Join>> {
+        let mut joins: Vec<(SubscriptionId, Arc<Join>)> = self.read(topic, |t| {
+            t.sockets
+                .iter()
+                .filter(|(_, m)| m.is_admitted() && !m.listener)
+                .map(|(id, m)| (*id, m.join.clone()))
+                .collect()
+        });
+        joins.sort_by_key(|(id, _)| id.0);
+        joins.into_iter().map(|(_, join)| join).collect()
+    }
+
+    /// Ends a join from the server's side: the client gets `phx_close` and the join's task
+    /// hears of it through [`Join::closed`].
+    pub fn close_join(&self, topic: &str, conn: &str) {
+        let Some(id) = self.local_subscription(conn) else { return };
+        let mut removed = None;
+        self.remove(topic, |t| removed = t.sockets.remove(&id));
+        if let Some(member) = removed {
+            member.outbox.send(phoenix::close(member.join.join_ref.as_deref(), topic));
+            member.join.closed.cancel();
+        }
+    }
+
+    /// The subscription behind a conn id of this node.
+    fn local_subscription(&self, conn: &str) -> Option<SubscriptionId> {
+        let prefix = self.conn_prefix.get().map(String::as_str).unwrap_or_default();
+        conn.strip_prefix(prefix)?.parse().ok().map(SubscriptionId)
+    }
+
+    /// Sends an event to one join, wherever in the cluster it is; the frame carries that
+    /// join's `join_ref`, as Phoenix's `push/3` does. Returns whether this node delivered it.
+    pub fn push(&self, topic: &str, conn: &str, event: &str, payload: &RawValue) -> bool {
+        if self.local_subscription(conn).is_some() {
+            return self.push_local(topic, conn, event, payload);
+        }
+        self.tell_cluster(ClusterCommand::PublishPush {
+            topic: topic.to_owned(),
+            conn: conn.to_owned(),
+            event: event.to_owned(),
+            payload: payload.to_owned(),
+        });
+        false
+    }
+
+    /// [`PubSub::push`] to a join of this node only.
+    pub fn push_local<P: serde::Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        conn: &str,
+        event: &str,
+        payload: &P,
+    ) -> bool {
+        let Some(id) = self.local_subscription(conn) else { return false };
+        self.read(topic, |t| {
+            t.sockets.get(&id).is_some_and(|member| {
+                let frame = phoenix::push(member.join.join_ref.as_deref(), topic, event, payload);
+                member.send(&frame)
+            })
+        })
     }
 
     pub fn unsubscribe_socket(&self, topic: &str, id: SubscriptionId) {
@@ -137,7 +313,31 @@ impl PubSub {
 
     /// Sends one pre-encoded frame to this node's sockets on the topic only.
     pub fn broadcast_local(&self, topic: &str, frame: &Utf8Bytes) -> usize {
-        self.read(topic, |t| t.sockets.values().filter(|outbox| outbox.send(frame.clone())).count())
+        self.read(topic, |t| t.sockets.values().filter(|member| member.send(frame)).count())
+    }
+
+    /// [`PubSub::broadcast`] to every join but those in `except` (conn ids).
+    pub fn broadcast_except(&self, topic: &str, frame: &Utf8Bytes, except: &[String]) -> usize {
+        if except.is_empty() {
+            return self.broadcast(topic, frame);
+        }
+        self.tell_cluster(ClusterCommand::PublishFrameExcept {
+            topic: topic.to_owned(),
+            frame: frame.clone(),
+            except: except.to_vec(),
+        });
+        self.broadcast_local_except(topic, frame, except)
+    }
+
+    /// [`PubSub::broadcast_except`] to this node's sockets only.
+    pub fn broadcast_local_except(&self, topic: &str, frame: &Utf8Bytes, except: &[String]) -> usize {
+        self.read(topic, |t| {
+            t.sockets
+                .values()
+                .filter(|member| !except.iter().any(|conn| **conn == *member.join.conn))
+                .filter(|member| member.send(frame))
+                .count()
+        })
     }
 
     /// Delivers a BroadcastChannel post to every runtime with the channel open, in the whole

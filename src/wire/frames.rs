@@ -22,6 +22,8 @@ pub enum ToWorker {
         script_name: String,
         script: String,
         limits: RuntimeLimits,
+        /// JSON object the script reads as `Room.settings` (the chat's limits, say).
+        settings: String,
     },
     /// Invoke a top-level script function; `args` is a JSON array.
     Call {
@@ -63,6 +65,18 @@ pub enum FromWorker {
         channel: String,
         data: String,
     },
+    /// `Room.push`: an event for one join of the room; `payload` is JSON.
+    Push {
+        conn: String,
+        event: String,
+        payload: String,
+    },
+    /// `Room.broadcast`: an event for every join of the room but those in `except`.
+    Broadcast {
+        event: String,
+        payload: String,
+        except: Vec<String>,
+    },
     /// The runtime opened its first / closed its last BroadcastChannel of this name.
     Subscribe {
         channel: String,
@@ -91,6 +105,10 @@ pub enum ScriptErrorKind {
     Timeout,
     /// The runtime hit its heap limit.
     OutOfMemory,
+    /// `Room.refuse(reason)`: the script turned the call down; the message is for the client.
+    Refused,
+    /// A hook named a join this runtime does not know (it started after the join was made).
+    UnknownConnection,
 }
 
 impl ScriptError {

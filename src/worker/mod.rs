@@ -31,16 +31,16 @@ fn run() -> io::Result<()> {
     die_with_gateway()?;
     let io = Rc::new(Pipe::from_stdio()?);
 
-    let (room_id, kind, script_name, script, limits) = match io.read(None)? {
-        Incoming::Frame(ToWorker::Start { room_id, kind, script_name, script, limits }) => {
-            (room_id, kind, script_name, script, limits)
+    let (room_id, kind, script_name, script, limits, settings) = match io.read(None)? {
+        Incoming::Frame(ToWorker::Start { room_id, kind, script_name, script, limits, settings }) => {
+            (room_id, kind, script_name, script, limits, settings)
         }
         Incoming::Closed => return Ok(()),
         other => return Err(protocol_error(format!("expected Start, got {other:?}"))),
     };
     io.set_max_frame_bytes(usize::try_from(limits.max_frame_bytes).unwrap_or(DEFAULT_MAX_FRAME_BYTES));
 
-    let engine = match Engine::start(&room_id, &kind, &script_name, &script, &limits, io.clone()) {
+    let engine = match Engine::start(&room_id, &kind, &script_name, &script, &limits, &settings, io.clone()) {
         Ok(engine) => engine,
         Err(error) => {
             io.send(FromWorker::StartFailed(error));

@@ -15,7 +15,9 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use super::engine::Host;
 use super::protocol_error;
-use crate::wire::{FromWorker, LogLevel, ScriptError, ToWorker, WorkerCodec, DEFAULT_MAX_FRAME_BYTES};
+use crate::wire::{
+    FromWorker, LogLevel, ScriptError, ScriptErrorKind, ToWorker, WorkerCodec, DEFAULT_MAX_FRAME_BYTES,
+};
 
 /// What a caller hears when the script's answer does not fit in one IPC frame.
 const REPLY_TOO_LARGE: &str = "reply too large";
@@ -146,7 +148,13 @@ impl Pipe {
         let Err(e) = codec.encode(frame, &mut pending) else { return };
         eprintln!("room-worker {}: cannot send a frame: {e}", std::process::id());
         if let Some(id) = reply_to {
-            let refusal = FromWorker::Reply { id, result: Err(ScriptError::exception(REPLY_TOO_LARGE)) };
+            // Refused, not an exception: the script did nothing wrong, and the client hears why.
+            let error = ScriptError {
+                kind: ScriptErrorKind::Refused,
+                message: REPLY_TOO_LARGE.to_owned(),
+                stack: None,
+            };
+            let refusal = FromWorker::Reply { id, result: Err(error) };
             if let Err(e) = codec.encode(refusal, &mut pending) {
                 eprintln!("room-worker {}: cannot send a frame: {e}", std::process::id());
             }
@@ -196,6 +204,16 @@ impl Host for Pipe {
 
     fn post(&self, channel: &str, data_json: &str) {
         self.send(FromWorker::Post { channel: channel.to_owned(), data: data_json.to_owned() });
+    }
+
+    fn push(&self, conn: &str, event: &str, payload_json: &str) {
+        let (conn, event, payload) = (conn.to_owned(), event.to_owned(), payload_json.to_owned());
+        self.send(FromWorker::Push { conn, event, payload });
+    }
+
+    fn broadcast(&self, event: &str, payload_json: &str, except: Vec<String>) {
+        let (event, payload) = (event.to_owned(), payload_json.to_owned());
+        self.send(FromWorker::Broadcast { event, payload, except });
     }
 
     fn subscribe(&self, channel: &str) {

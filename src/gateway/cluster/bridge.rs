@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
+use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -18,6 +19,10 @@ use crate::gateway::pubsub::{ChannelMessage, ClusterCommand, PubSub};
 /// The first byte of every message on a topic subject says what follows.
 const FRAME: u8 = b'F';
 const POST: u8 = b'P';
+/// A frame for all but some joins: the JSON array of their conn ids, a newline, the frame.
+const FRAME_EXCEPT: u8 = b'E';
+/// An event for one join: the JSON array `[conn, event, payload]`.
+const PUSH: u8 = b'T';
 
 /// How long a `Synced` waits for NATS to confirm; a join must not hang on a lost connection.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -50,6 +55,17 @@ pub async fn run(
             }
             ClusterCommand::PublishFrame { topic, frame } => {
                 publish(&client, &topic, FRAME, frame.as_str().as_bytes()).await;
+            }
+            ClusterCommand::PublishFrameExcept { topic, frame, except } => {
+                let mut body = serde_json::to_string(&except).unwrap_or_else(|_| "[]".to_owned());
+                body.push('\n');
+                body.push_str(frame.as_str());
+                publish(&client, &topic, FRAME_EXCEPT, body.as_bytes()).await;
+            }
+            ClusterCommand::PublishPush { topic, conn, event, payload } => {
+                if let Ok(body) = serde_json::to_string(&(conn, event, payload)) {
+                    publish(&client, &topic, PUSH, body.as_bytes()).await;
+                }
             }
             ClusterCommand::PublishPost(message) => {
                 publish(&client, &message.channel, POST, message.data.as_bytes()).await;
@@ -89,6 +105,21 @@ fn deliver(pubsub: &PubSub, topic: &str, payload: &Bytes) {
         FRAME => {
             pubsub.broadcast_local(topic, &body.to_owned().into());
         }
+        FRAME_EXCEPT => {
+            let Some((except, frame)) = body.split_once('\n') else { return };
+            match serde_json::from_str::<Vec<String>>(except) {
+                Ok(except) => {
+                    pubsub.broadcast_local_except(topic, &frame.to_owned().into(), &except);
+                }
+                Err(e) => tracing::warn!(topic, "dropped a cluster frame with a bad except list: {e}"),
+            }
+        }
+        PUSH => match serde_json::from_str::<(String, String, Box<RawValue>)>(body) {
+            Ok((conn, event, payload)) => {
+                pubsub.push_local(topic, &conn, &event, &*payload);
+            }
+            Err(e) => tracing::warn!(topic, "dropped a cluster push that does not parse: {e}"),
+        },
         POST => {
             let message = ChannelMessage { channel: topic.into(), data: body.into() };
             pubsub.post_from_cluster(&message);

@@ -40,6 +40,7 @@ enum RemoteRoomError {
     Timeout,
     WorkerExited,
     Script(ScriptError),
+    StartFailed(ScriptError),
     OwnedElsewhere,
     Unavailable(String),
 }
@@ -53,6 +54,7 @@ impl From<&RoomError> for RemoteRoomError {
             RoomError::Timeout => RemoteRoomError::Timeout,
             RoomError::WorkerExited => RemoteRoomError::WorkerExited,
             RoomError::Script(e) => RemoteRoomError::Script(e.clone()),
+            RoomError::StartFailed(e) => RemoteRoomError::StartFailed(e.clone()),
             RoomError::OwnedElsewhere => RemoteRoomError::OwnedElsewhere,
             other => RemoteRoomError::Unavailable(other.reason()),
         }
@@ -68,6 +70,7 @@ impl From<RemoteRoomError> for RoomError {
             RemoteRoomError::Timeout => RoomError::Timeout,
             RemoteRoomError::WorkerExited => RoomError::WorkerExited,
             RemoteRoomError::Script(e) => RoomError::Script(e),
+            RemoteRoomError::StartFailed(e) => RoomError::StartFailed(e),
             RemoteRoomError::OwnedElsewhere => RoomError::OwnedElsewhere,
             RemoteRoomError::Unavailable(reason) => PlacementError::Remote(reason).into(),
         }

@@ -69,7 +69,7 @@ impl Cluster {
             });
         let client = options.connect(url).await.map_err(|e| format!("cannot use NATS at {url}: {e}"))?;
         let (commands, received) = mpsc::unbounded_channel();
-        pubsub.attach_cluster(commands);
+        pubsub.attach_cluster(node.as_str(), commands);
         tokio::spawn(bridge::run(client.clone(), pubsub.clone(), received));
         let inner =
             Inner { node, client, leases: Leases::new(lease), pubsub, remote_rooms: Mutex::default() };

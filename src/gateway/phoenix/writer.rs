@@ -73,10 +73,15 @@ impl Outbox {
     /// Queues a reply, or `refusal()` in its place when the reply alone is larger than the
     /// queue may ever hold: a client asking for too much hears so instead of being cut off.
     pub fn send_reply(&self, reply: Utf8Bytes, refusal: impl FnOnce() -> Utf8Bytes) -> bool {
-        if reply.len() > self.max_bytes {
+        if !self.fits(&reply) {
             return self.send(refusal());
         }
         self.send(reply)
+    }
+
+    /// Whether the frame could ever fit in the queue's byte limit.
+    pub fn fits(&self, frame: &Utf8Bytes) -> bool {
+        frame.len() <= self.max_bytes
     }
 
     /// Cancelled once a frame could not be queued.

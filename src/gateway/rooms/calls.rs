@@ -64,6 +64,32 @@ impl Supervisor {
         Some(handle.call_as(caller, function, args_json).await)
     }
 
+    /// Calls the room only where it already runs (here or, in a cluster, on its node):
+    /// `None` if it runs nowhere. A leave must not start a room just to say goodbye.
+    pub async fn call_running(
+        &self,
+        caller: Option<ClientId>,
+        id: &RoomId,
+        function: &str,
+        args_json: String,
+    ) -> Option<Result<String, RoomError>> {
+        if let Some(result) = self.call_here(caller, id, function, args_json.clone()).await {
+            return Some(result);
+        }
+        let placement = self.inner.placement.as_ref()?;
+        match placement.holder(id).await {
+            Ok(Some(holder)) if holder.node != *placement.node() => {
+                let timeout = self.inner.config.call_timeout();
+                match placement.call(&holder, id, function, args_json, timeout).await {
+                    Ok(result) => Some(Ok(result)),
+                    Err(RemoteCallError::Room(error)) => Some(Err(error)),
+                    Err(RemoteCallError::NotHere) => None,
+                }
+            }
+            _ => None,
+        }
+    }
+
     async fn call_placed(
         &self,
         placement: &dyn Placement,

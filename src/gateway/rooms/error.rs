@@ -17,8 +17,10 @@ pub enum RoomError {
     StartQuota,
     Timeout,
     WorkerExited,
-    /// The script threw, or its start-up failed; carries the script's error.
+    /// A call of the script failed (it threw, refused, ran out of time or memory).
     Script(ScriptError),
+    /// The script failed while the runtime started (a syntax error, a throw at top level).
+    StartFailed(ScriptError),
     /// The gateway is shutting down and starts no more rooms.
     ShuttingDown,
     /// The room script could not be read.
@@ -49,8 +51,8 @@ pub enum PlacementError {
 }
 
 impl RoomError {
-    /// What clients are told. Script errors pass through as the script wrote them; the
-    /// gateway's own refusals are short fixed phrases.
+    /// What clients are told: the gateway's own refusals are short fixed phrases, a script's
+    /// `Room.refuse(reason)` passes through, and its exceptions are "internal error".
     pub fn reason(&self) -> String {
         match self {
             RoomError::RoomLimit => "room limit reached".to_owned(),
@@ -59,8 +61,17 @@ impl RoomError {
             RoomError::StartQuota => "too many rooms started by this socket".to_owned(),
             RoomError::Timeout => "timeout".to_owned(),
             RoomError::WorkerExited => "room worker exited".to_owned(),
-            RoomError::Script(e) if e.kind == ScriptErrorKind::Timeout => "timeout".to_owned(),
-            RoomError::Script(e) => e.message.clone(),
+            RoomError::Script(e) => match e.kind {
+                ScriptErrorKind::Timeout => "timeout".to_owned(),
+                ScriptErrorKind::OutOfMemory => "out of memory".to_owned(),
+                // `Room.refuse(reason)`: written for the client.
+                ScriptErrorKind::Refused => e.message.clone(),
+                // Anything else the script threw is the room's bug; its message and stack
+                // are for the log (see `detail`), which may hold what the client must not see.
+                ScriptErrorKind::Exception => "internal error".to_owned(),
+                ScriptErrorKind::UnknownConnection => "unmatched topic".to_owned(),
+            },
+            RoomError::StartFailed(_) => "room unavailable: the room script failed to start".to_owned(),
             RoomError::ShuttingDown => "room unavailable: the gateway is shutting down".to_owned(),
             // The causes below name files and OS errors: they go to the log (see `detail`),
             // never to a client.
@@ -77,6 +88,10 @@ impl RoomError {
 
     /// The reason with its causes, for the log: what an operator needs and a client must not see.
     pub fn detail(&self) -> String {
+        if let RoomError::Script(e) | RoomError::StartFailed(e) = self {
+            let stack = e.stack.as_deref().map(|s| format!("\n{s}")).unwrap_or_default();
+            return format!("{}{stack}", e.message);
+        }
         let mut detail = self.reason();
         let mut source = std::error::Error::source(self);
         while let Some(cause) = source {
@@ -89,7 +104,10 @@ impl RoomError {
     /// Whether a failed start counts towards the crash-loop guard: only when the room's own
     /// worker or script failed, not when the gateway or the cluster could not try.
     pub fn is_room_failure(&self) -> bool {
-        matches!(self, RoomError::Script(_) | RoomError::WorkerExited | RoomError::Timeout)
+        matches!(
+            self,
+            RoomError::Script(_) | RoomError::StartFailed(_) | RoomError::WorkerExited | RoomError::Timeout
+        )
     }
 }
 

@@ -55,6 +55,7 @@ impl Launcher for ProcessLauncher {
             script_name,
             script,
             limits: config.runtime_limits(),
+            settings: crate::gateway::hooks::settings(config),
             call_timeout: config.call_timeout(),
             hard_timeout: config.hard_timeout(),
             max_queued_calls: config.max_queued_calls,
@@ -78,6 +79,8 @@ pub struct RoomSpec {
     pub script_name: String,
     pub script: String,
     pub limits: RuntimeLimits,
+    /// `Room.settings`, as JSON.
+    pub settings: String,
     pub call_timeout: Duration,
     pub hard_timeout: Duration,
     /// Calls that may wait for the room before more are refused as `room busy`.

@@ -83,6 +83,7 @@ pub(super) fn start(
         last_answer_at: Instant::now(),
         waiting: FairQueue::new((spec.max_queued_calls / SHARES_OF_THE_QUEUE).max(1)),
         draining: false,
+        topic: spec.room.topic(),
         spec,
     };
     Ok((handle, ready, actor.run()))
@@ -95,6 +96,8 @@ struct InFlight {
 
 struct Actor {
     spec: RoomSpec,
+    /// The room's topic, where its pushes and broadcasts go.
+    topic: String,
     child: Child,
     pid: u32,
     stdin: Stdin,
@@ -136,6 +139,7 @@ impl Actor {
             script_name: self.spec.script_name.clone(),
             script: std::mem::take(&mut self.spec.script),
             limits: self.spec.limits,
+            settings: std::mem::take(&mut self.spec.settings),
         };
         let reason = match self.send(start) {
             Ok(()) => self.event_loop().await,
@@ -306,7 +310,7 @@ impl Actor {
                 let ready =
                     self.ready.take().ok_or_else(|| Violation("StartFailed after Ready".to_owned()))?;
                 tracing::warn!(room = %self.spec.room, pid = self.pid, "room script failed to start: {}", error.message);
-                let _ = ready.send(Err(RoomError::Script(error)));
+                let _ = ready.send(Err(RoomError::StartFailed(error)));
             }
             FromWorker::Reply { id, result } => {
                 let call = self
@@ -334,6 +338,18 @@ impl Actor {
                 }
                 let message = ChannelMessage { channel: channel.into(), data: raw.get().into() };
                 self.pubsub.deliver_to_runtimes(&message, self.spec.runtime);
+            }
+            FromWorker::Push { conn, event, payload } => {
+                let payload = RawValue::from_string(payload)
+                    .map_err(|e| Violation(format!("a push whose payload is not JSON: {e}")))?;
+                self.pubsub.push(&self.topic, &conn, &event, &payload);
+            }
+            FromWorker::Broadcast { event, payload, except } => {
+                let payload = RawValue::from_string(payload)
+                    .map_err(|e| Violation(format!("a broadcast whose payload is not JSON: {e}")))?;
+                // Encoded once for every join, as Phoenix's fastlane does.
+                let frame = phoenix::push(None, &self.topic, &event, &*payload);
+                self.pubsub.broadcast_except(&self.topic, &frame, &except);
             }
             FromWorker::Subscribe { channel } => {
                 self.pubsub.subscribe_runtime(&channel, self.spec.runtime, self.inbox_tx.clone());
@@ -363,9 +379,8 @@ impl Actor {
                 let args: Vec<Box<RawValue>> =
                     serde_json::from_str(args_json).map_err(|e| format!("broadcast: bad arguments: {e}"))?;
                 let message = args.first().ok_or("broadcast needs a message to send")?;
-                let topic = self.spec.room.topic();
-                let frame = phoenix::push(None, &topic, NEW_MESSAGE, &**message);
-                self.pubsub.broadcast(&topic, &frame);
+                let frame = phoenix::push(None, &self.topic, NEW_MESSAGE, &**message);
+                self.pubsub.broadcast(&self.topic, &frame);
                 Ok("null".to_owned())
             }
             other => Err(format!("no host handler named \"{other}\"")),

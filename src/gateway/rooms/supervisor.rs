@@ -22,6 +22,7 @@ use super::launcher::{Launched, Launcher, ProcessLauncher};
 use super::placement::{Claim, Placement};
 use super::shares::{Caller, Shares};
 use crate::gateway::config::Config;
+use crate::gateway::hooks::{self, RoomReset};
 use crate::gateway::ids::{NodeId, RoomId, RuntimeId};
 use crate::gateway::phoenix::{self, ROOM_RESET};
 use crate::gateway::pubsub::PubSub;
@@ -152,7 +153,7 @@ impl Supervisor {
                     state.shares.used(id, *runtime, caller, Instant::now());
                     outcome.clone()
                 }
-                _ => self.begin_start(state, id, caller)?,
+                _ => self.begin_start(state, id, caller, None)?,
             }
         };
         let settled = outcome.wait_for(Option::is_some).await;
@@ -229,6 +230,7 @@ impl Supervisor {
         state: &mut State,
         id: &RoomId,
         caller: Option<&Caller>,
+        reset: Option<String>,
     ) -> Result<watch::Receiver<StartOutcome>, RoomError> {
         if state.shutting_down {
             return Err(RoomError::ShuttingDown);
@@ -252,6 +254,10 @@ impl Supervisor {
         let id = id.clone();
         tokio::spawn(async move {
             let result = supervisor.launch(&id, runtime).await;
+            // Before anyone else's call: the new runtime first hears every join still open.
+            if let Ok(handle) = &result {
+                supervisor.replay_joins(handle, reset.as_deref()).await;
+            }
             {
                 let mut state = supervisor.lock();
                 let still_ours =
@@ -278,6 +284,46 @@ impl Supervisor {
             let _ = done.send(Some(result));
         });
         Ok(outcome)
+    }
+
+    /// Hands a new runtime the joins its room still has on this node (a previous runtime
+    /// took them), in join order, through `onJoin`: each client gets `room_reset` with its new
+    /// join response, or `phx_close` if the new runtime refuses the join.
+    async fn replay_joins(&self, handle: &RoomHandle, reset: Option<&str>) {
+        let pubsub = &self.inner.pubsub;
+        let topic = handle.room.topic();
+        let joins = pubsub.joins(&topic);
+        if joins.is_empty() {
+            return;
+        }
+        let detail = reset.unwrap_or("the room restarted");
+        let (mut taken, mut closed) = (0, 0);
+        for join in &joins {
+            let args = hooks::join_args(&join.conn, None, &join.params);
+            let answer = handle.call(hooks::JOIN, args).await;
+            match answer.map(hooks::response) {
+                Ok(Ok(response)) => {
+                    pubsub.push_local(
+                        &topic,
+                        &join.conn,
+                        ROOM_RESET,
+                        &RoomReset::restarted(detail, &response),
+                    );
+                    taken += 1;
+                }
+                Ok(Err(_)) | Err(RoomError::Script(_)) => {
+                    pubsub.close_join(&topic, &join.conn);
+                    closed += 1;
+                }
+                // The new runtime itself failed; its monitor deals with that, and the joins
+                // not replayed yet are replayed by the runtime after it.
+                Err(error) => {
+                    tracing::warn!(room = %handle.room, "replaying the joins stopped: {}", error.detail());
+                    break;
+                }
+            }
+        }
+        tracing::info!(room = %handle.room, pid = handle.pid, taken, closed, "replayed the room's joins");
     }
 
     /// Makes space at the room limit by stopping a room that no socket has joined, so a flood
@@ -371,7 +417,30 @@ impl Supervisor {
             }
         }
         if crashed {
-            announce_reset(&self.inner.pubsub, &report.room, &report.reason.to_string());
+            self.restart_after_crash(&report.room, report.reason.to_string());
+        }
+    }
+
+    /// A crashed room that still has joins here starts again at once, so that its clients
+    /// get their new join responses (see `replay_joins`); one nobody is in waits for its
+    /// next use. Either way its clients hear `room_reset`.
+    fn restart_after_crash(&self, room: &RoomId, detail: String) {
+        if self.inner.pubsub.joins(&room.topic()).is_empty() {
+            announce_reset(&self.inner.pubsub, room, &detail);
+            return;
+        }
+        let started = {
+            let mut state = self.lock();
+            match state.rooms.get(room) {
+                // Someone's use already started it again; that start replays the joins.
+                Some(_) => Ok(()),
+                None => self.begin_start(&mut state, room, None, Some(detail.clone())).map(drop),
+            }
+        };
+        if let Err(error) = started {
+            // Crash-looping, say: the joins stay, and the next start replays them.
+            tracing::info!(room = %room, "not restarting at once: {}", error.detail());
+            announce_reset(&self.inner.pubsub, room, &detail);
         }
     }
 

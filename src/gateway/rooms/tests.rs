@@ -56,7 +56,7 @@ async fn run_stand_in(
     let killed_by_signal = ExitStatus::from_raw(9);
     tokio::time::sleep(start_delay).await;
     if behaviour == Behaviour::FailsToStart {
-        let _ = ready.send(Err(RoomError::Script(ScriptError::exception("SyntaxError: at start"))));
+        let _ = ready.send(Err(RoomError::StartFailed(ScriptError::exception("SyntaxError: at start"))));
         return report(ExitReason::Exited(ExitStatus::from_raw(0)), false);
     }
     let _ = ready.send(Ok(()));
@@ -137,7 +137,7 @@ async fn failed_starts_count_before_anyone_hears_of_them() {
     let (supervisor, launches) = supervisor(Behaviour::FailsToStart, Duration::ZERO, config);
     for attempt in 1..=2 {
         let result = supervisor.call(&room("a"), "hello", "[]".to_owned()).await;
-        assert!(matches!(result, Err(RoomError::Script(_))), "attempt {attempt}: {result:?}");
+        assert!(matches!(result, Err(RoomError::StartFailed(_))), "attempt {attempt}: {result:?}");
     }
     // No wait: the retry comes at once, as a client's would.
     let refused = supervisor.call(&room("a"), "hello", "[]".to_owned()).await;

@@ -9,6 +9,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::channel::{Channel, ChannelEnded, Subscription};
 use super::SocketContext;
@@ -37,6 +38,8 @@ struct JoinedChannel {
     /// Boxed: tokio allocates a channel's first block of 32 slots up front, and 32 unboxed
     /// frames would add ~3.5 KiB to every joined channel, idle or not.
     inbox: mpsc::Sender<Box<Frame>>,
+    /// Tells the channel's task that a new join of its topic replaced it.
+    replaced: CancellationToken,
     _subscription: Subscription,
 }
 
@@ -204,6 +207,7 @@ impl Connection {
         };
         // A second join of a joined topic replaces the first, as in Phoenix.
         if let Some(old) = self.channels.remove(&frame.topic) {
+            old.replaced.cancel();
             self.outbox.send(phoenix::close(old.join_ref.as_deref(), &frame.topic));
         }
         if self.channels.len() >= self.ctx.config.max_channels_per_socket {
@@ -214,21 +218,30 @@ impl Connection {
         self.next_channel_id += 1;
         let (inbox, frames) = mpsc::channel(CHANNEL_INBOX);
         let topic = frame.topic.clone();
-        // Subscribed before the history is read: a message sent meanwhile may then arrive
-        // twice (clients dedupe by id) but is never missed.
+        // Subscribed (held) before the room is asked: what the room publishes from then on
+        // follows the join's reply, so nothing between the room's answer and the
+        // subscription is missed; a refused join drops it unseen.
         let pubsub = self.ctx.supervisor.pubsub().clone();
-        let subscription_id = pubsub.subscribe_socket(&topic, self.outbox.clone());
+        let (subscription_id, join) =
+            pubsub.subscribe_join(&topic, self.outbox.clone(), frame.join_ref.clone(), frame.payload.clone());
         let subscription = Subscription { pubsub, topic: topic.clone(), id: subscription_id };
-        let joined =
-            JoinedChannel { id, join_ref: frame.join_ref.clone(), inbox, _subscription: subscription };
+        let replaced = CancellationToken::new();
+        let joined = JoinedChannel {
+            id,
+            join_ref: frame.join_ref.clone(),
+            inbox,
+            replaced: replaced.clone(),
+            _subscription: subscription,
+        };
         self.channels.insert(topic.clone(), joined);
         let channel = Channel {
             ctx: self.ctx.clone(),
             outbox: self.outbox.clone(),
             room,
             topic,
-            join_ref: frame.join_ref.clone(),
+            join,
             subscription_id,
+            replaced,
         };
         let ended = self.ended_tx.clone();
         let task = tokio::spawn(async move {

@@ -15,7 +15,6 @@ use axum::extract::ws::{Message, WebSocket};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::gateway::chat::Chat;
 use crate::gateway::config::Config;
 use crate::gateway::phoenix::{write_frames, Outbox, TokenBucket};
 use crate::gateway::rooms::{Caller, ClientId, Supervisor};
@@ -30,7 +29,6 @@ const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 pub struct SocketContext {
     pub supervisor: Supervisor,
     pub config: Arc<Config>,
-    pub chat: Chat,
     pub shutdown: Shutdown,
     /// This socket as a client of the rooms; each connection gets its own (see `serve`).
     pub caller: Caller,

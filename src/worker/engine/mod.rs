@@ -21,8 +21,9 @@ mod natives;
 mod tests;
 
 const PRELUDE: &str = include_str!("prelude.js");
-/// Deep recursion must end in a RangeError, not a segfault of the worker's 8 MiB main stack.
-const MAX_JS_STACK_BYTES: usize = 1024 * 1024;
+/// Deep recursion must end in a RangeError, not a segfault of the worker's 8 MiB main stack; half
+/// of it still lets JSON.parse take any payload the gateway accepts (128 levels), even unoptimised.
+const MAX_JS_STACK_BYTES: usize = 4 * 1024 * 1024;
 
 /// What a runtime needs from the process around it.
 pub trait Host {
@@ -31,6 +32,10 @@ pub trait Host {
     /// `Beam.call`: returns the id that a later [`Engine::settle_host_call`] answers.
     fn host_call_async(&self, name: &str, args_json: &str) -> u64;
     fn post(&self, channel: &str, data_json: &str);
+    /// `Room.push`: an event for one join.
+    fn push(&self, conn: &str, event: &str, payload_json: &str);
+    /// `Room.broadcast`: an event for every join but `except`.
+    fn broadcast(&self, event: &str, payload_json: &str, except: Vec<String>);
     fn subscribe(&self, channel: &str);
     fn unsubscribe(&self, channel: &str);
     fn log(&self, level: LogLevel, message: &str);
@@ -90,6 +95,7 @@ impl Engine {
         script_name: &str,
         script: &str,
         limits: &RuntimeLimits,
+        settings_json: &str,
         host: Rc<dyn Host>,
     ) -> Result<Engine, ScriptError> {
         let setup_error = |e: rquickjs::Error| ScriptError::exception(format!("engine setup: {e}"));
@@ -122,7 +128,7 @@ impl Engine {
                 .catch(&ctx)
                 .map_err(|e| to_script_error(e, &budget))?;
             let hooks: Object = install
-                .call((natives, room_id, kind))
+                .call((natives, room_id, kind, settings_json))
                 .catch(&ctx)
                 .map_err(|e| to_script_error(e, &budget))?;
             ctx.eval_with_options::<(), _>(script, eval_options(script_name, false))

@@ -6,7 +6,7 @@ use rquickjs::{Ctx, Function, Object};
 
 use super::errors::classify_message;
 use super::Host;
-use crate::wire::{LogLevel, ScriptError};
+use crate::wire::{LogLevel, ScriptError, ScriptErrorKind};
 
 /// The natives the prelude builds the script API on. They are passed to the prelude, never
 /// installed as globals.
@@ -30,6 +30,20 @@ pub(super) fn natives<'js>(ctx: &Ctx<'js>, host: Rc<dyn Host>) -> rquickjs::Resu
     natives.set(
         "post",
         Function::new(ctx.clone(), move |channel: String, data: String| h.post(&channel, &data))?,
+    )?;
+    let h = host.clone();
+    natives.set(
+        "push",
+        Function::new(ctx.clone(), move |conn: String, event: String, payload: String| {
+            h.push(&conn, &event, &payload)
+        })?,
+    )?;
+    let h = host.clone();
+    natives.set(
+        "broadcast",
+        Function::new(ctx.clone(), move |event: String, payload: String, except: Vec<String>| {
+            h.broadcast(&event, &payload, except)
+        })?,
     )?;
     let h = host.clone();
     natives.set("subscribe", Function::new(ctx.clone(), move |channel: String| h.subscribe(&channel))?)?;
@@ -57,8 +71,12 @@ pub(super) fn natives<'js>(ctx: &Ctx<'js>, host: Rc<dyn Host>) -> rquickjs::Resu
     let h = host;
     natives.set(
         "replyError",
-        Function::new(ctx.clone(), move |id: f64, message: String, stack: String| {
-            let kind = classify_message(&message);
+        Function::new(ctx.clone(), move |id: f64, message: String, stack: String, kind: String| {
+            let kind = match kind.as_str() {
+                "refused" => ScriptErrorKind::Refused,
+                "unknown_connection" => ScriptErrorKind::UnknownConnection,
+                _ => classify_message(&message),
+            };
             let stack = (!stack.is_empty()).then_some(stack);
             h.reply(id as u64, Err(ScriptError { kind, message, stack }))
         })?,

@@ -1,8 +1,8 @@
-// The room script API (the design's "Room script API" contract, section 5 of design.md), built
+// The room script API (sections 5 and 8 of design.md: the globals and the room's hooks), built
 // on a handful of natives. Evaluated before the room script as a function expression: it
 // installs the globals and returns the hooks the Rust event loop drives. Nothing here is
 // engine-specific, so a V8 backend can reuse it unchanged.
-(function (native, roomId, roomKind) {
+(function (native, roomId, roomKind, settingsJson) {
   "use strict";
 
   const toJson = (value) => {
@@ -50,7 +50,52 @@
     }),
   );
 
-  define("Room", Object.freeze({ id: roomId, kind: roomKind, topic: roomKind + ":" + roomId }));
+  // ---- the room: its joins, and speaking to them ----
+  // `Room.refuse(reason)` throws one of these; the gateway gives the client `{reason}`, where
+  // any other exception is the room's bug and gives "internal error".
+  class Refusal {
+    constructor(reason) {
+      this.reason = reason;
+    }
+  }
+
+  // The live joins in join order (a Map keeps insertion order), by conn id.
+  const conns = new Map();
+
+  const eventName = (event) => {
+    const name = String(event);
+    // phx_* events drive the client's own channel state machine (replies, closes, errors).
+    if (name === "" || name.startsWith("phx_")) throw new TypeError(`not an event a room may send: "${name}"`);
+    return name;
+  };
+
+  const exceptIds = (options) => {
+    const except = options === undefined || options === null ? undefined : options.except;
+    if (except === undefined || except === null) return [];
+    return (Array.isArray(except) ? except : [except]).map(String);
+  };
+
+  define(
+    "Room",
+    Object.freeze({
+      id: roomId,
+      kind: roomKind,
+      topic: roomKind + ":" + roomId,
+      settings: Object.freeze(JSON.parse(settingsJson)),
+      refuse(reason) {
+        throw new Refusal(reason === undefined ? "refused" : String(reason));
+      },
+      push(connId, event, payload) {
+        native.push(String(connId), eventName(event), toJson(payload === undefined ? {} : payload));
+      },
+      broadcast(event, payload, options) {
+        native.broadcast(eventName(event), toJson(payload === undefined ? {} : payload), exceptIds(options));
+      },
+      connections() {
+        return [...conns.values()];
+      },
+    }),
+  );
 
   // ---- Beam: host handlers in the gateway ----
   const pendingHostCalls = new Map();
@@ -247,15 +292,19 @@
     try {
       json = toJson(value);
     } catch (err) {
-      native.replyError(callId, `result is not JSON-serializable: ${describe(err)[0]}`, "");
+      native.replyError(callId, `result is not JSON-serializable: ${describe(err)[0]}`, "", "");
       return;
     }
     native.replyOk(callId, json);
   };
 
   const replyError = (callId, err) => {
+    if (err instanceof Refusal) {
+      native.replyError(callId, err.reason, "", "refused");
+      return;
+    }
     const [message, stack] = describe(err);
-    native.replyError(callId, message, stack);
+    native.replyError(callId, message, stack, "");
   };
 
   // Async calls not yet answered. A promise job cut off by the CPU budget can leave one
@@ -269,28 +318,129 @@
     return ids;
   };
 
-  const invoke = (callId, name, argsJson) => {
-    const fn = lookup(name);
-    if (fn === undefined) {
-      native.replyError(callId, `the room script has no function named "${name}"`, "");
-      return;
-    }
+  // Runs `body` (sync or async) and answers the call with its result, passed through `done`
+  // (which may throw, e.g. a Refusal), or with its error, passed through `failed`.
+  const settle = (callId, body, done, failed) => {
+    const answer = (value) => {
+      try {
+        replyValue(callId, done(value));
+      } catch (err) {
+        replyError(callId, err);
+      }
+    };
+    const fail = (err) => {
+      failed(err);
+      replyError(callId, err);
+    };
     let result;
     try {
-      result = fn.apply(globalThis, JSON.parse(argsJson));
+      result = body();
     } catch (err) {
-      replyError(callId, err);
+      fail(err);
       return;
     }
     if (result !== null && typeof result === "object" && typeof result.then === "function") {
       pendingCalls.add(callId);
       Promise.resolve(result).then(
-        (value) => pendingCalls.delete(callId) && replyValue(callId, value),
-        (err) => pendingCalls.delete(callId) && replyError(callId, err),
+        (value) => pendingCalls.delete(callId) && answer(value),
+        (err) => pendingCalls.delete(callId) && fail(err),
       );
     } else {
-      replyValue(callId, result);
+      answer(result);
     }
+  };
+
+  const same = (value) => value;
+  const nothing = () => {};
+  const orEmpty = (value) => (value === undefined ? {} : value);
+
+  // ---- the hooks (design section 8), and the original design's mapping without them ----
+  // Looked up once: the script's top level has run before the first call, and looking up a
+  // name the script lacks costs an eval that throws, on every event otherwise.
+  const hookCache = new Map();
+  const hookFn = (name) => {
+    if (!hookCache.has(name)) hookCache.set(name, lookup(name));
+    return hookCache.get(name);
+  };
+
+  const checkField = (name, value, max) => {
+    if (typeof value !== "string") Room.refuse('invalid payload: expected {"sender": string, "text": string}');
+    if (value.trim() === "") Room.refuse(`${name} must not be blank`);
+    if ([...value].length > max) Room.refuse(`${name} is longer than ${max} characters`);
+  };
+
+  // A script in the original shape: a join reads `getHistory(n)`, `send_message` calls
+  // `sendMessage(sender, text)` once the payload passes the chat's checks.
+  const defaultJoin = () => {
+    const getHistory = hookFn("getHistory");
+    return getHistory === undefined ? {} : { messages: getHistory(Room.settings.historyOnJoin) };
+  };
+
+  const defaultEvent = (conn, event, payload) => {
+    const sendMessage = hookFn("sendMessage");
+    if (event !== "send_message" || sendMessage === undefined) Room.refuse("unknown event");
+    if (payload === null || typeof payload !== "object" || Array.isArray(payload)) {
+      Room.refuse('invalid payload: expected {"sender": string, "text": string}');
+    }
+    checkField("sender", payload.sender, Room.settings.maxSenderChars);
+    checkField("text", payload.text, Room.settings.maxTextChars);
+    return sendMessage(payload.sender, payload.text);
+  };
+
+  // The gateway's calls for the hooks have names no script function can have.
+  const hookCalls = {
+    "@join"(callId, [id, user, params]) {
+      // In the map from the start, so that `Room.connections()` and `Room.push` inside onJoin
+      // already count the join; out again if it is refused.
+      const conn = { id, user, params, assigns: {} };
+      conns.set(id, conn);
+      const onJoin = hookFn("onJoin");
+      const body = onJoin === undefined ? () => defaultJoin(conn, params) : () => onJoin(conn, params);
+      settle(callId, body, orEmpty, () => conns.delete(id));
+    },
+    "@event"(callId, [id, event, payload]) {
+      const conn = conns.get(id);
+      if (conn === undefined) {
+        native.replyError(callId, "unknown connection", "", "unknown_connection");
+        return;
+      }
+      const onEvent = hookFn("onEvent");
+      const body =
+        onEvent === undefined ? () => defaultEvent(conn, event, payload) : () => onEvent(conn, event, payload);
+      settle(callId, body, orEmpty, nothing);
+    },
+    "@leave"(callId, [id, why]) {
+      const conn = conns.get(id);
+      conns.delete(id);
+      const onLeave = hookFn("onLeave");
+      if (conn === undefined || onLeave === undefined) {
+        replyValue(callId, null);
+        return;
+      }
+      settle(callId, () => onLeave(conn, why), () => null, nothing);
+    },
+  };
+
+  const invoke = (callId, name, argsJson) => {
+    const hook = Object.prototype.hasOwnProperty.call(hookCalls, name) ? hookCalls[name] : undefined;
+    if (hook !== undefined) {
+      let args;
+      try {
+        args = JSON.parse(argsJson);
+      } catch (err) {
+        // The payload came from a client: too deep for this engine's parser is bad input.
+        native.replyError(callId, "invalid payload", "", "refused");
+        return;
+      }
+      hook(callId, args);
+      return;
+    }
+    const fn = lookup(name);
+    if (fn === undefined) {
+      native.replyError(callId, `the room script has no function named "${name}"`, "", "");
+      return;
+    }
+    settle(callId, () => fn.apply(globalThis, JSON.parse(argsJson)), same, nothing);
   };
 
   const timerWatermark = () => nextTimerId;

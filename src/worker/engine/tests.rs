@@ -12,6 +12,9 @@ struct StandInHost {
     replies: RefCell<Vec<(u64, Result<String, ScriptError>)>>,
     host_calls: RefCell<Vec<(String, String)>>,
     posts: RefCell<Vec<(String, String)>>,
+    /// `Room.push` (conn, event, payload) and `Room.broadcast` (event, payload, except).
+    pushes: RefCell<Vec<(String, String, String)>>,
+    broadcasts: RefCell<Vec<(String, String, Vec<String>)>>,
     logs: RefCell<Vec<(LogLevel, String)>>,
 }
 
@@ -31,6 +34,14 @@ impl Host for StandInHost {
         self.posts.borrow_mut().push((channel.to_owned(), data_json.to_owned()));
     }
 
+    fn push(&self, conn: &str, event: &str, payload_json: &str) {
+        self.pushes.borrow_mut().push((conn.to_owned(), event.to_owned(), payload_json.to_owned()));
+    }
+
+    fn broadcast(&self, event: &str, payload_json: &str, except: Vec<String>) {
+        self.broadcasts.borrow_mut().push((event.to_owned(), payload_json.to_owned(), except));
+    }
+
     fn subscribe(&self, _channel: &str) {}
 
     fn unsubscribe(&self, _channel: &str) {}
@@ -44,11 +55,13 @@ impl Host for StandInHost {
     }
 }
 
+const SETTINGS: &str = r#"{"historyOnJoin":2,"maxSenderChars":5,"maxTextChars":10}"#;
+
 fn start(script: &str, cpu_ms: u64) -> Result<(Engine, Rc<StandInHost>), ScriptError> {
     let host = Rc::new(StandInHost::default());
     let limits =
         RuntimeLimits { heap_bytes: 32 * 1024 * 1024, cpu_ms_per_call: cpu_ms, max_frame_bytes: 1 << 20 };
-    let engine = Engine::start("test-room", "game", "room.js", script, &limits, host.clone())?;
+    let engine = Engine::start("test-room", "game", "room.js", script, &limits, SETTINGS, host.clone())?;
     Ok((engine, host))
 }
 
@@ -130,4 +143,116 @@ fn a_timer_runs_once_it_is_due() {
     assert_eq!(engine.next_timer_at(), None, "the timer is spent");
     engine.call(1, "count", "[]");
     assert_eq!(last_reply(&host), (1, Ok("1".to_owned())));
+}
+
+fn reply_to(host: &StandInHost, id: u64) -> Result<String, ScriptError> {
+    let replies = host.replies.borrow();
+    replies.iter().find(|(call, _)| *call == id).map(|(_, r)| r.clone()).expect("the call was answered")
+}
+
+#[test]
+fn hooks_see_joins_events_and_leaves_with_their_conn() {
+    let script = r#"
+        const seen = [];
+        function onJoin(conn, params) {
+            if (params.name === "mallory") Room.refuse("not on the list");
+            conn.assigns.name = params.name;
+            return { you: conn.id, here: Room.connections().map((c) => c.id) };
+        }
+        function onEvent(conn, event, payload) {
+            if (event === "boom") null.x;
+            if (event === "whisper") { Room.push(payload.to, "psst", { from: conn.assigns.name }); return; }
+            Room.broadcast("said", { by: conn.assigns.name }, { except: conn.id });
+            return { ok: event };
+        }
+        async function onLeave(conn, why) { seen.push([conn.id, why, Room.connections().length]); }
+        function left() { return seen; }
+    "#;
+    let (engine, host) = start(script, 1_000).unwrap();
+    engine.call(1, "@join", r#"["a",null,{"name":"ann"}]"#);
+    assert_eq!(reply_to(&host, 1), Ok(r#"{"you":"a","here":["a"]}"#.to_owned()));
+    engine.call(2, "@join", r#"["m",null,{"name":"mallory"}]"#);
+    let refused = reply_to(&host, 2).unwrap_err();
+    assert_eq!((refused.kind, refused.message.as_str()), (ScriptErrorKind::Refused, "not on the list"));
+    engine.call(3, "@join", r#"["b",null,{"name":"bob"}]"#);
+    assert_eq!(
+        reply_to(&host, 3),
+        Ok(r#"{"you":"b","here":["a","b"]}"#.to_owned()),
+        "a refused join is gone"
+    );
+
+    engine.call(4, "@event", r#"["a","hello",{}]"#);
+    assert_eq!(reply_to(&host, 4), Ok(r#"{"ok":"hello"}"#.to_owned()));
+    let broadcasts = host.broadcasts.borrow().clone();
+    assert_eq!(broadcasts, [("said".to_owned(), r#"{"by":"ann"}"#.to_owned(), vec!["a".to_owned()])]);
+    engine.call(5, "@event", r#"["b","whisper",{"to":"a"}]"#);
+    assert_eq!(reply_to(&host, 5), Ok("{}".to_owned()), "undefined answers {{}}");
+    let pushes = host.pushes.borrow().clone();
+    assert_eq!(pushes, [("a".to_owned(), "psst".to_owned(), r#"{"from":"bob"}"#.to_owned())]);
+
+    engine.call(6, "@event", r#"["b","boom",{}]"#);
+    let failed = reply_to(&host, 6).unwrap_err();
+    assert_eq!(failed.kind, ScriptErrorKind::Exception);
+    assert!(failed.message.contains("of null"), "{}", failed.message);
+    assert!(failed.stack.as_deref().unwrap_or_default().contains("room.js:"), "{failed:?}");
+
+    engine.call(7, "@event", r#"["zed","hello",{}]"#);
+    assert_eq!(reply_to(&host, 7).unwrap_err().kind, ScriptErrorKind::UnknownConnection);
+
+    engine.call(8, "@leave", r#"["a","leave"]"#);
+    engine.call(9, "left", "[]");
+    assert_eq!(reply_to(&host, 9), Ok(r#"[["a","leave",1]]"#.to_owned()), "onLeave runs once a's gone");
+}
+
+#[test]
+fn an_async_hook_that_rejects_fails_its_call() {
+    let script = r#"
+        async function onJoin(conn) { await null; throw new RangeError("no seats"); }
+        function count() { return Room.connections().length; }
+    "#;
+    let (engine, host) = start(script, 1_000).unwrap();
+    engine.call(1, "@join", r#"["a",null,{}]"#);
+    let error = reply_to(&host, 1).unwrap_err();
+    assert_eq!(error.kind, ScriptErrorKind::Exception);
+    assert!(error.message.contains("no seats"), "{}", error.message);
+    engine.call(2, "count", "[]");
+    assert_eq!(reply_to(&host, 2), Ok("0".to_owned()), "a failed join is not a connection");
+}
+
+#[test]
+fn a_script_without_hooks_keeps_the_original_mapping_and_its_checks() {
+    let script = r#"
+        const messages = [];
+        function sendMessage(sender, text) { const m = { sender, text }; messages.push(m); return m; }
+        function getHistory(n) { return messages.slice(-n); }
+    "#;
+    let (engine, host) = start(script, 1_000).unwrap();
+    engine.call(1, "@join", r#"["a",null,{}]"#);
+    assert_eq!(reply_to(&host, 1), Ok(r#"{"messages":[]}"#.to_owned()));
+    for (id, text) in [(2, "one"), (3, "two"), (4, "three")] {
+        engine.call(id, "@event", &format!(r#"["a","send_message",{{"sender":"ann","text":"{text}"}}]"#));
+    }
+    assert_eq!(reply_to(&host, 4), Ok(r#"{"sender":"ann","text":"three"}"#.to_owned()));
+    engine.call(5, "@event", r#"["a","send_message",{"sender":"annabel","text":"x"}]"#);
+    assert_eq!(reply_to(&host, 5).unwrap_err().message, "sender is longer than 5 characters");
+    engine.call(6, "@event", r#"["a","shout",{}]"#);
+    assert_eq!(reply_to(&host, 6).unwrap_err().message, "unknown event");
+    engine.call(7, "@join", r#"["b",null,{}]"#);
+    assert_eq!(
+        reply_to(&host, 7),
+        Ok(r#"{"messages":[{"sender":"ann","text":"two"},{"sender":"ann","text":"three"}]}"#.to_owned()),
+        "a join gets the last historyOnJoin messages"
+    );
+}
+
+#[test]
+fn rooms_may_not_send_phoenix_events() {
+    let script = r#"function onEvent(conn, event) { Room.broadcast("phx_close", {}); }
+                    function onJoin() {}"#;
+    let (engine, host) = start(script, 1_000).unwrap();
+    engine.call(1, "@join", r#"["a",null,{}]"#);
+    engine.call(2, "@event", r#"["a","x",{}]"#);
+    let error = reply_to(&host, 2).unwrap_err();
+    assert!(error.message.contains("not an event a room may send"), "{}", error.message);
+    assert!(host.broadcasts.borrow().is_empty());
 }
