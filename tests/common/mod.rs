@@ -236,8 +236,13 @@ impl Client {
 
     /// Joins a topic; returns the join_ref and the reply's payload.
     pub async fn join(&mut self, topic: &str) -> (String, Value) {
+        self.join_with(topic, json!({})).await
+    }
+
+    /// Joins a topic with a join payload; returns the join_ref and the reply's payload.
+    pub async fn join_with(&mut self, topic: &str, params: Value) -> (String, Value) {
         let join_ref = self.make_ref();
-        self.send(json!([join_ref, join_ref, topic, "phx_join", {}])).await;
+        self.send(json!([join_ref, join_ref, topic, "phx_join", params])).await;
         let reply = self.reply_to(&join_ref).await;
         (join_ref, reply)
     }
