@@ -219,3 +219,29 @@ async fn a_killed_worker_is_replaced_and_its_joins_replayed_in_order_or_closed()
     let log = ask(&mut cat, &cat_ref, "k", "log", json!({})).await["response"].clone();
     assert_eq!(log, json!([["join", "ann"], ["join", "cat"]]), "the replay ran before any other call");
 }
+
+#[tokio::test]
+async fn the_readme_counter_is_a_room_kind_with_no_rust_change() {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rooms/counter.js");
+    let gateway = Gateway::start(&["--room", &format!("counter={}", script.display())]);
+    let mut ann = gateway.connect().await;
+    let (_, nameless) = ann.join("counter:c").await;
+    assert_eq!(nameless, json!({"status": "error", "response": {"reason": "a name, please"}}));
+    let (ann_ref, joined) = ann.join_with("counter:c", json!({"name": "ann"})).await;
+    assert_eq!(joined["response"], json!({"count": 0, "here": ["ann"]}));
+    let mut bob = gateway.connect().await;
+    let (bob_ref, _) = bob.join_with("counter:c", json!({"name": "bob"})).await;
+    assert_eq!(ann.next_event("joined").await[4], json!({"name": "bob"}));
+    for n in 1..=10 {
+        let msg_ref = bob.push(Some(&bob_ref), "counter:c", "add", json!({})).await;
+        assert_eq!(bob.reply_to(&msg_ref).await["response"], json!({"count": n}));
+    }
+    assert_eq!(bob.next_event("prize").await[4], json!({"count": 10}), "pushed to the tenth adder");
+    let count = ann.recv_until(|f| f[3] == "count" && f[4]["count"] == 10).await;
+    assert_eq!(count[4]["by"], "bob");
+    ann.assert_no_event("prize", QUIET).await;
+    let msg_ref = ann.push(Some(&ann_ref), "counter:c", "phx_leave", json!({})).await;
+    assert_eq!(ann.reply_to(&msg_ref).await["status"], "ok");
+    let left = bob.next_event("left").await;
+    assert_eq!(left[4], json!({"name": "ann", "why": "leave"}));
+}
