@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{Client, Gateway};
 use nix::sys::signal::Signal;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// Short, so a dead node's rooms move within the test's patience.
 const LEASE_MS: &str = "1500";
@@ -252,6 +252,11 @@ async fn when_the_owner_gateway_dies_the_room_starts_fresh_on_another() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(message["id"], 1, "a fresh runtime: its state started over");
+    // The new runtime never heard of this join (it was made with the old one): the join was
+    // taken again before the message, and the client got its new join response.
+    let rejoined = client.recv_until(|f| f[3] == "room_reset" && f[4].get("response").is_some()).await;
+    assert_eq!(rejoined[0], json!(join_ref), "on the join's own join_ref: {rejoined}");
+    assert_eq!(rejoined[4]["response"], json!({"messages": []}), "{rejoined}");
     let survivors_ref: Vec<&Gateway> = survivors.iter().collect();
     assert_eq!(workers_in(&survivors_ref), 1, "exactly one new runtime");
     for (client, _) in watchers.iter_mut() {
