@@ -44,6 +44,8 @@ async function onEvent(conn, event, payload) {
       Room.refuse("you may not");
     case "bug":
       return null.property;
+    case "spin":
+      for (;;) {}
     case "later":
       await new Promise((resolve) => setTimeout(resolve, 10));
       throw new RangeError("rejected later");
@@ -59,7 +61,7 @@ function onLeave(conn, why) {
 
 fn lounge() -> Gateway {
     let script = script_file("lounge.js", LOUNGE);
-    Gateway::start(&["--room", &format!("lounge={}", script.display())])
+    Gateway::start(&["--room", &format!("lounge={}", script.display()), "--js-cpu-ms", "200"])
 }
 
 async fn enter(gateway: &Gateway, room: &str, name: &str) -> (Client, String, Value) {
@@ -145,6 +147,9 @@ async fn refusals_exceptions_and_rejections_each_fail_one_call() {
         let logged = common::wait_for(|| gateway.log_contains_now(needle).then_some(()));
         assert!(logged.is_some(), "the log has {needle:?}");
     }
+    // A hook that loops is cut off by the CPU budget (--js-cpu-ms 200 here), alone.
+    let reply = ask(&mut ann, &ann_ref, "r", "spin", json!({})).await;
+    assert_eq!(reply, json!({"status": "error", "response": {"reason": "timeout"}}));
     let reply = ask(&mut ann, &ann_ref, "r", "echo", json!(1)).await;
     assert_eq!(reply["status"], "ok", "the room goes on after each failure: {reply}");
 }
