@@ -373,7 +373,13 @@
   // `sendMessage(sender, text)` once the payload passes the chat's checks.
   const defaultJoin = () => {
     const getHistory = hookFn("getHistory");
-    return getHistory === undefined ? {} : { messages: getHistory(Room.settings.historyOnJoin) };
+    if (getHistory === undefined) return {};
+    const history = getHistory(Room.settings.historyOnJoin);
+    // An async getHistory answers the join once its promise settles.
+    if (history !== null && typeof history === "object" && typeof history.then === "function") {
+      return Promise.resolve(history).then((messages) => ({ messages }));
+    }
+    return { messages: history };
   };
 
   const defaultEvent = (conn, event, payload) => {

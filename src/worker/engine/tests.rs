@@ -256,3 +256,11 @@ fn rooms_may_not_send_phoenix_events() {
     assert!(error.message.contains("not an event a room may send"), "{}", error.message);
     assert!(host.broadcasts.borrow().is_empty());
 }
+
+#[test]
+fn an_async_get_history_answers_the_join_once_it_settles() {
+    let script = "async function getHistory(n) { await null; return ['m', n]; }";
+    let (engine, host) = start(script, 1_000).unwrap();
+    engine.call(1, "@join", r#"["a",null,{}]"#);
+    assert_eq!(reply_to(&host, 1), Ok(r#"{"messages":["m",2]}"#.to_owned()));
+}
