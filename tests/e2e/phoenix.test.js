@@ -47,6 +47,8 @@
 //   phx_error    channel errored, rejoins (the gateway never sends it: a dead room worker is
 //                a room_reset, the channel stays joined)                           -> not sent
 //   other events channel.on(event): new_message, room_reset                         -> tested
+//                and, on a kind made of hooks (fixtures/counter-room.js), pushes answered by
+//                onEvent / Room.refuse, Room.broadcast and a Room.push with the join_ref -> tested
 //                a frame whose join_ref is not the channel's current one is dropped (isMember)
 //   binary frames kinds 1 (reply) and 2 (broadcast): the gateway sends only text       -> n/a
 //   close/error  any close the client did not ask for: channels error, socket reconnects
