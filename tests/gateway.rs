@@ -276,6 +276,9 @@ async fn api_rooms_and_healthz_describe_the_live_rooms() {
     let (status, page) = common::http_get(gateway.addr, "/", &[]);
     assert_eq!(status, 200);
     assert!(page.contains("roomvisor"));
+    let (status, page) = common::http_get(gateway.addr, "/game", &[]);
+    assert_eq!(status, 200);
+    assert!(page.contains("tic-tac-toe") && page.contains("game:"), "GET /game serves the game page");
 }
 
 #[tokio::test]

@@ -1,4 +1,4 @@
-//! HTTP routes: the chat page, the Phoenix WebSocket endpoint, and the operator API.
+//! HTTP routes: the chat and game pages, the Phoenix WebSocket endpoint, and the operator API.
 
 use axum::extract::ws::WebSocketUpgrade;
 use std::net::SocketAddr;
@@ -19,6 +19,7 @@ use super::quota::SocketsPerAddress;
 use super::socket::{self, SocketContext};
 
 const INDEX_HTML: &str = include_str!("../../static/index.html");
+const GAME_HTML: &str = include_str!("../../static/game.html");
 
 #[derive(Clone)]
 pub struct AppState {
@@ -35,6 +36,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(index))
+        .route("/game", get(game))
         .route("/socket/websocket", get(websocket))
         .route("/api/rooms", get(rooms))
         .route("/healthz", get(healthz))
@@ -43,6 +45,11 @@ pub fn router(state: AppState) -> Router {
 
 async fn index() -> Html<&'static str> {
     Html(INDEX_HTML)
+}
+
+/// The tic-tac-toe page, for the `game` kind (rooms/tic-tac-toe.js).
+async fn game() -> Html<&'static str> {
+    Html(GAME_HTML)
 }
 
 /// Bytes read from a socket at a time.

@@ -47,6 +47,8 @@
 //   phx_error    channel errored, rejoins (the gateway never sends it: a dead room worker is
 //                a room_reset, the channel stays joined)                           -> not sent
 //   other events channel.on(event): new_message, room_reset                         -> tested
+//                and, on a kind made of hooks (fixtures/counter-room.js), pushes answered by
+//                onEvent / Room.refuse, Room.broadcast and a Room.push with the join_ref -> tested
 //                a frame whose join_ref is not the channel's current one is dropped (isMember)
 //   binary frames kinds 1 (reply) and 2 (broadcast): the gateway sends only text       -> n/a
 //   close/error  any close the client did not ask for: channels error, socket reconnects
@@ -657,5 +659,110 @@ describe("phoenix.js recovers from a join that times out (slow room start)", () 
     const copies = received(a, (f) => f[3] === "new_message" && f[4].id === msg.id);
     assert.equal(copies.length, 1, `one broadcast reached the socket ${copies.length} times: ${JSON.stringify(copies)}`);
     assert.equal(seen.length, 1, "channel.on(\"new_message\") fired once");
+  });
+});
+
+describe("phoenix.js against a room kind made of hooks (--room counter=fixtures/counter-room.js)", () => {
+  const path = require("node:path");
+  let gw;
+  before(async () => {
+    gw = await startGateway({ args: ["--room", `counter=${path.join(__dirname, "fixtures", "counter-room.js")}`] });
+  });
+  afterEach(() => disconnectAll());
+  after(async () => { disconnectAll(); if (gw) await gw.stop(); });
+  const t = (name, fn) => test(name, { timeout: 30000 }, withLogs(() => gw, fn));
+
+  t("onJoin answers the join, onEvent answers pushes (ok, Room.refuse, internal error), Room.broadcast skips `except`, Room.push reaches one join", async () => {
+    const id = uniqueRoom("counter");
+    const topic = `counter:${id}`;
+    const [a, b, c] = await Promise.all([connect(gw), connect(gw), connect(gw, { rejoinAfterMs: () => 60000 })]);
+    const chA = a.channel(topic, { name: "ann" });
+    const chB = b.channel(topic, { name: "ben" });
+    const countsA = collect(chA, "count");
+    const countsB = collect(chB, "count");
+    const whispersA = collect(chA, "whisper");
+    const whispersB = collect(chB, "whisper");
+    const leftB = collect(chB, "left");
+
+    const joinedA = await joinOk(chA);
+    assert.deepEqual(joinedA, { count: 0, you: joinedA.you, kind: "counter", topic });
+    assert.equal(typeof joinedA.you, "string");
+    const joinedB = await joinOk(chB);
+    assert.notEqual(joinedB.you, joinedA.you, "conn ids are unique per join");
+
+    // A refused join: the client gets the reason, and nothing is subscribed.
+    const refused = await reply(c.channel(topic, { refuse: true }).join(), "the refused join's reply");
+    assert.deepEqual(refused, { status: "error", response: { reason: "not welcome" } });
+    await waitFor(async () => (await roomInfo(gw, id))?.subscribers === 2, { what: "2 subscribers, not 3" });
+    assert.equal((await roomInfo(gw, id)).kind, "counter");
+
+    // onEvent's return value is the ok reply; Room.broadcast reaches B but not A (except).
+    assert.deepEqual(await reply(chA.push("add", { by: 2 })), { status: "ok", response: { count: 2 } });
+    await waitFor(() => countsB.length === 1, { what: "the count broadcast at B" });
+    assert.deepEqual(countsB, [{ count: 2, by: "ann" }]);
+    const broadcast = received(b, (f) => f[3] === "count")[0];
+    assert.deepEqual(broadcast.slice(0, 3), [null, null, topic], "broadcasts keep join_ref null (fastlane)");
+
+    // Room.refuse → error reply with the reason; an async hook's reply waits for its promise.
+    assert.deepEqual(await reply(chA.push("add", { by: "two" })),
+      { status: "error", response: { reason: "by must be an integer" } });
+    assert.deepEqual(await reply(chB.push("later", {})), { status: "ok", response: { count: 2, later: true } });
+    assert.deepEqual(await reply(chB.push("who", {})), { status: "ok", response: { connections: ["ann", "ben"] } });
+    assert.deepEqual(await reply(chA.push("nonsense", {})),
+      { status: "error", response: { reason: "unknown event nonsense" } });
+
+    // Any other exception is the script's bug: a fixed reason, the room stays up.
+    assert.deepEqual(await reply(chA.push("crash", {})), { status: "error", response: { reason: "internal error" } });
+    assert.deepEqual(await reply(chA.push("reserved", {})), { status: "error", response: { reason: "internal error" } },
+      "phx_ event names are refused to scripts (TypeError)");
+
+    // Room.push: to B's join only, with B's join_ref on the frame; undefined answers {}.
+    assert.deepEqual(await reply(chA.push("whisper", { to: joinedB.you, text: "psst" })), { status: "ok", response: {} });
+    await waitFor(() => whispersB.length === 1, { what: "the whisper at B" });
+    assert.deepEqual(whispersB, [{ from: "ann", text: "psst" }]);
+    const whisper = received(b, (f) => f[3] === "whisper")[0];
+    assert.equal(whisper[0], chB.joinRef(), "Room.push carries the join's join_ref");
+    assert.equal(whisper[1], null);
+    await sleep(200);
+    assert.deepEqual(whispersA, [], "nothing reached A");
+    assert.deepEqual(countsA, [], "A was excepted from its own broadcast");
+
+    // onLeave runs after a leave; what it broadcasts reaches those still there.
+    await reply(chA.leave(), "the leave reply");
+    await waitFor(() => leftB.length === 1, { what: "onLeave's broadcast at B" });
+    assert.deepEqual(leftB, [{ name: "ann", why: "leave" }]);
+  });
+
+  t("after the worker is killed, every open join is replayed through onJoin: room_reset carries the new join reply, a join the new runtime refuses is closed", async () => {
+    const id = uniqueRoom("counter-reset");
+    const topic = `counter:${id}`;
+    const [a, b] = await Promise.all([connect(gw), connect(gw, { rejoinAfterMs: () => 60000 })]);
+    const chA = a.channel(topic, { name: "ann" });
+    const resetsA = collect(chA, "room_reset");
+    await joinOk(chA);
+    await reply(chA.push("add", { by: 5 }));
+    const chB = b.channel(topic, { name: "brittle", fragile: true });
+    const closedB = deferred();
+    chB.onClose(() => closedB.resolve());
+    const joinedB = await joinOk(chB);
+    assert.equal(joinedB.count, 5);
+    const joinRefB = chB.joinRef();
+
+    const oldPid = await killWorker(gw, id);
+    await waitFor(() => resetsA.length === 1, { timeout: 8000, what: "room_reset at A" });
+    const [reset] = resetsA;
+    assert.match(reset.reason, /room worker exited/);
+    assert.equal(typeof reset.detail, "string");
+    assert.deepEqual(reset.response, { count: 0, you: reset.response.you, kind: "counter", topic },
+      "the reset carries onJoin's answer in the fresh runtime: the counter starts over");
+    await withTimeout(closedB.promise, 8000, "phx_close for the join the new runtime refused");
+    assert.equal(received(b, (f) => f[3] === "phx_close" && f[2] === topic && f[0] === joinRefB).length, 1);
+    assert.deepEqual(received(b, (f) => f[3] === "room_reset"), [], "a refused join gets no room_reset");
+    const room = await waitFor(() => roomInfo(gw, id), { what: "the restarted room in /api/rooms" });
+    assert.notEqual(room.pid, oldPid);
+    await waitFor(async () => (await roomInfo(gw, id))?.subscribers === 1, { what: "only A subscribed" });
+
+    // A is still joined and talks to the new runtime.
+    assert.deepEqual(await reply(chA.push("add", { by: 1 })), { status: "ok", response: { count: 1 } });
   });
 });
