@@ -47,7 +47,7 @@ async fn two_kinds_run_side_by_side_each_with_its_script() {
 async fn a_topic_of_no_configured_kind_is_not_served() {
     let gateway = Gateway::start(&[]);
     let mut client = gateway.connect().await;
-    let (_, reply) = client.join("game:g1").await;
+    let (_, reply) = client.join("chess:g1").await;
     assert_eq!(reply["response"]["reason"], "unmatched topic", "{reply}");
     let (_, reply) = client.join("room:not valid").await;
     assert_eq!(reply["response"]["reason"], "invalid room id", "{reply}");

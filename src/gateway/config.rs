@@ -176,6 +176,10 @@ where
 }
 
 pub const DEFAULT_ROOM_SCRIPT: &str = "rooms/chat-room.js";
+/// The second kind served out of the box, so the game page works with `cargo run`.
+pub const GAME_KIND: &str = "game";
+pub const DEFAULT_GAME_SCRIPT: &str = "rooms/tic-tac-toe.js";
+const BUILTIN_GAME_SCRIPT: &str = include_str!("../../rooms/tic-tac-toe.js");
 
 const BOTH_NAME_THE_DEFAULT_KIND: &str = "--room-script and --room room=PATH both name the room kind's \
      script; keep --room room=PATH, which replaces --room-script";
@@ -247,8 +251,9 @@ impl Config {
         }
     }
 
-    /// The room kinds served: those of `--room`, and the default kind from `--room-script`
-    /// unless `--room room=PATH` names it. Fails on a kind named twice.
+    /// The room kinds served: those of `--room`, the default kind from `--room-script` unless
+    /// `--room room=PATH` names it, and the game unless `--room game=PATH` names it. Fails on a
+    /// kind named twice.
     pub fn kinds(&self) -> Result<Vec<RoomKind>, String> {
         let mut kinds = self.rooms.clone();
         for (i, kind) in kinds.iter().enumerate() {
@@ -263,6 +268,9 @@ impl Config {
         if !names_default_kind {
             kinds.insert(0, RoomKind { prefix: DEFAULT_KIND.to_owned(), script: self.default_kind_script() });
         }
+        if !kinds.iter().any(|k| k.prefix == GAME_KIND) {
+            kinds.push(RoomKind { prefix: GAME_KIND.to_owned(), script: PathBuf::from(DEFAULT_GAME_SCRIPT) });
+        }
         Ok(kinds)
     }
 
@@ -271,17 +279,18 @@ impl Config {
         self.room_script.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_ROOM_SCRIPT))
     }
 
-    /// Whether topics with this prefix are rooms this gateway serves (the default kind always).
+    /// Whether topics with this prefix are rooms this gateway serves (the built-in kinds always).
     pub fn has_kind(&self, prefix: &str) -> bool {
-        prefix == DEFAULT_KIND || self.rooms.iter().any(|k| k.prefix == prefix)
+        prefix == DEFAULT_KIND || prefix == GAME_KIND || self.rooms.iter().any(|k| k.prefix == prefix)
     }
 
-    /// The kind's script: its name (for stack traces) and source. The default path falls back
-    /// to the built-in chat, so `cargo run` works from any directory.
+    /// The kind's script: its name (for stack traces) and source. The default paths fall back
+    /// to the built-in chat and game, so `cargo run` works from any directory.
     pub fn load_script(&self, kind: &str) -> std::io::Result<(String, String)> {
         let script = match self.rooms.iter().find(|k| k.prefix == kind) {
             Some(room_kind) => room_kind.script.clone(),
             None if kind == DEFAULT_KIND => self.default_kind_script(),
+            None if kind == GAME_KIND => PathBuf::from(DEFAULT_GAME_SCRIPT),
             None => return Err(std::io::Error::other(format!("no room kind {kind:?}"))),
         };
         let name = script
@@ -294,6 +303,11 @@ impl Config {
                 if e.kind() == std::io::ErrorKind::NotFound && script.as_os_str() == DEFAULT_ROOM_SCRIPT =>
             {
                 Ok((name, BUILTIN_CHAT_SCRIPT.to_owned()))
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound && script.as_os_str() == DEFAULT_GAME_SCRIPT =>
+            {
+                Ok((name, BUILTIN_GAME_SCRIPT.to_owned()))
             }
             Err(e) => Err(std::io::Error::new(
                 e.kind(),
@@ -320,6 +334,30 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_chat_and_the_game_are_served_unless_replaced() {
+        let prefixes = |config: &Config| -> Vec<(String, PathBuf)> {
+            config.kinds().unwrap().into_iter().map(|k| (k.prefix, k.script)).collect()
+        };
+        let defaults = Config::default();
+        assert_eq!(
+            prefixes(&defaults),
+            [
+                ("room".to_owned(), PathBuf::from(DEFAULT_ROOM_SCRIPT)),
+                ("game".to_owned(), PathBuf::from(DEFAULT_GAME_SCRIPT))
+            ]
+        );
+        assert!(defaults.has_kind("game") && !defaults.has_kind("chess"));
+        let chess = RoomKind { prefix: "game".to_owned(), script: PathBuf::from("chess.js") };
+        let replaced = Config { rooms: vec![chess], ..Config::default() };
+        assert_eq!(prefixes(&replaced)[1], ("game".to_owned(), PathBuf::from("chess.js")));
+        assert_eq!(prefixes(&replaced).len(), 2, "--room game=PATH replaces the built-in game");
+        // Run from another directory, the built-in scripts stand in for the missing files.
+        let (name, source) = defaults.load_script("game").unwrap();
+        assert_eq!(name, "tic-tac-toe.js");
+        assert!(source.contains("onJoin"));
+    }
 
     #[test]
     fn defaults_are_the_limits_of_design_section_6() {

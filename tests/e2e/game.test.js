@@ -18,7 +18,6 @@ const CHROMIUM_ARGS = [
   "--disable-component-update", "--no-first-run",
 ];
 const SCREENSHOTS = path.resolve(process.env.E2E_SCREENSHOTS || path.join(__dirname, "screenshots"));
-const GAME_SCRIPT = path.resolve(__dirname, "../../rooms/tic-tac-toe.js");
 const UI_TIMEOUT = 10000;
 
 describe("tic-tac-toe in headless Chromium: two players and a spectator", () => {
@@ -29,8 +28,8 @@ describe("tic-tac-toe in headless Chromium: two players and a spectator", () => 
 
   before(async () => {
     fs.mkdirSync(SCREENSHOTS, { recursive: true });
-    // This checkout's script, by absolute path: the gateway runs with the test's working directory.
-    gw = await startGateway({ args: ["--room", `game=${GAME_SCRIPT}`] });
+    // No --room flag: the game is a kind the gateway serves out of the box, as `cargo run` does.
+    gw = await startGateway();
     browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true, timeout: 30000 });
   });
 
