@@ -8,24 +8,36 @@ const state = { messages: [], nextId: 1 };
 
 // A join gets the latest messages; `Room.settings` carries the gateway's --history-on-join.
 function onJoin(conn, params) {
+  // Authorization is the room's: a token that lists rooms (`gateway token --claims
+  // '{"rooms":["vip"]}'`) admits its holder to those rooms only.
+  const rooms = conn.user && conn.user.rooms;
+  if (Array.isArray(rooms) && !rooms.includes(Room.id)) Room.refuse(`your token does not admit you to ${Room.id}`);
   return { messages: getHistory(Room.settings.historyOnJoin) };
 }
 
 function onEvent(conn, event, payload) {
   if (event !== "send_message") Room.refuse("unknown event");
-  const { sender, text } = checkMessage(payload);
+  const { sender, text } = checkMessage(conn, payload);
   return sendMessage(sender, text);
 }
 
-// The limits come from the gateway's --max-sender-chars and --max-text-chars.
-function checkMessage(payload) {
-  const invalid = 'invalid payload: expected {"sender": string, "text": string}';
+// The limits come from the gateway's --max-sender-chars and --max-text-chars. With a verified
+// user the sender is theirs (the token's name, else its sub), whatever the payload says.
+function checkMessage(conn, payload) {
+  const invalid = conn.user
+    ? 'invalid payload: expected {"text": string}'
+    : 'invalid payload: expected {"sender": string, "text": string}';
   if (payload === null || typeof payload !== "object" || Array.isArray(payload)) Room.refuse(invalid);
-  const { sender, text } = payload;
+  const text = payload.text;
+  const sender = conn.user ? displayName(conn.user) : payload.sender;
   if (typeof sender !== "string" || typeof text !== "string") Room.refuse(invalid);
-  checkField("sender", sender, Room.settings.maxSenderChars);
+  if (!conn.user) checkField("sender", sender, Room.settings.maxSenderChars);
   checkField("text", text, Room.settings.maxTextChars);
   return { sender, text };
+}
+
+function displayName(user) {
+  return typeof user.name === "string" && user.name.trim() !== "" ? user.name : String(user.sub);
 }
 
 function checkField(name, value, maxChars) {

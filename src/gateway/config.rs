@@ -99,6 +99,15 @@ pub struct Config {
     #[arg(long, env = "ROOMVISOR_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
 
+    /// Secret (16 bytes or more) for HS256 JSON Web Tokens: with it, every socket must present
+    /// a token it signed (`?token=` or phoenix.js's `authToken`), and its claims are
+    /// `conn.user` in the rooms; without it, sockets are anonymous.
+    #[arg(long, env = "ROOMVISOR_AUTH_SECRET", hide_env_values = true, global = true, value_parser = parse_secret)]
+    pub auth_secret: Option<Secret>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// A connection must send its whole request head within this time.
     #[arg(long, value_parser = ranged::<u64>(100..=600_000), env = "ROOMVISOR_REQUEST_HEAD_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_head_timeout_ms: u64,
@@ -173,6 +182,66 @@ where
     <T as TryFrom<u64>>::Error: Send + Sync + 'static + std::error::Error + ToString,
 {
     clap::builder::RangedU64ValueParser::<T>::new().range(range)
+}
+
+/// What the gateway binary can do besides serving.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Prints a token signed with --auth-secret (ROOMVISOR_AUTH_SECRET), for development and
+    /// tests: `gateway token --sub ann --name Ann --ttl 1h`.
+    Token {
+        /// The user's id (`sub`): what rooms and Presence know them by.
+        #[arg(long)]
+        sub: String,
+        /// A display name (`name`), which the chat shows as the sender.
+        #[arg(long)]
+        name: Option<String>,
+        /// How long the token is good for: `90s`, `30m`, `1h`, `7d`.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: Duration,
+        /// More claims, as a JSON object, e.g. `{"rooms":["vip"]}`.
+        #[arg(long, value_parser = parse_claims)]
+        claims: Option<serde_json::Map<String, serde_json::Value>>,
+    },
+}
+
+/// A secret that `Debug` (and so any log of the configuration) does not show.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+/// Short HMAC keys can be brute-forced offline from one token.
+const MIN_SECRET_BYTES: usize = 16;
+
+fn parse_secret(value: &str) -> Result<Secret, String> {
+    if value.len() < MIN_SECRET_BYTES {
+        return Err(format!("the secret must be at least {MIN_SECRET_BYTES} bytes"));
+    }
+    Ok(Secret(value.to_owned()))
+}
+
+fn parse_ttl(value: &str) -> Result<Duration, String> {
+    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let n: u64 =
+        number.parse().map_err(|_| format!("expected a duration like 90s, 30m, 1h or 7d, not {value:?}"))?;
+    let seconds = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown unit {unit:?}: use s, m, h or d")),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(seconds)))
+}
+
+fn parse_claims(value: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    serde_json::from_str(value).map_err(|e| format!("expected a JSON object: {e}"))
 }
 
 pub const DEFAULT_ROOM_SCRIPT: &str = "rooms/chat-room.js";

@@ -2,6 +2,7 @@
 
 use axum::extract::ws::WebSocketUpgrade;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -12,6 +13,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use tokio_util::task::TaskTracker;
 
+use super::auth::presented_token;
 use super::cluster::Cluster;
 use super::listener::ConnectionSlot;
 use super::origin::OriginPolicy;
@@ -77,12 +79,24 @@ async fn websocket(
         tracing::warn!(origin, "refused a WebSocket upgrade from a foreign origin");
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
+    let mut context = state.socket.clone();
+    if let Some(auth) = &state.socket.auth {
+        let protocols = headers.get(header::SEC_WEBSOCKET_PROTOCOL).and_then(|p| p.to_str().ok());
+        let token = presented_token(query.as_deref(), protocols).unwrap_or_default();
+        match auth.verify(&token) {
+            Ok(user) => context.user = Some(Arc::new(user)),
+            Err(why) => {
+                // The reason, never the token: a log is no place for credentials.
+                tracing::warn!(peer = %peer.ip(), "refused a WebSocket upgrade with {why}");
+                return (StatusCode::FORBIDDEN, format!("refused: {why}")).into_response();
+            }
+        }
+    }
     let Some(pass) = state.sockets_per_address.admit(peer.ip()) else {
         tracing::warn!(peer = %peer.ip(), "refused a WebSocket upgrade: too many sockets from one address");
         return (StatusCode::TOO_MANY_REQUESTS, "too many sockets from this address").into_response();
     };
     let limit = config.max_frame_bytes;
-    let context = state.socket.clone();
     let connections = state.connections.clone();
     upgrade
         .max_message_size(limit)

@@ -2,6 +2,7 @@
 //! supervisor behind, the cluster beside. This module starts it all and shuts it down in
 //! order.
 
+pub mod auth;
 pub(crate) mod cluster;
 pub mod config;
 pub mod hooks;
@@ -38,6 +39,9 @@ const SOCKET_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 pub fn main() -> ExitCode {
     let config = Config::parse();
+    if let Some(config::Command::Token { sub, name, ttl, claims }) = &config.command {
+        return print_token(&config, sub, name.as_deref(), *ttl, claims.clone().unwrap_or_default());
+    }
     // What clap cannot check flag by flag: the room kinds together.
     if let Err(e) = config.kinds() {
         eprintln!("gateway: {e}");
@@ -61,6 +65,30 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("gateway failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `gateway token`: a token signed with the configured secret, on stdout.
+fn print_token(
+    config: &Config,
+    sub: &str,
+    name: Option<&str>,
+    ttl: Duration,
+    claims: serde_json::Map<String, serde_json::Value>,
+) -> ExitCode {
+    let Some(secret) = &config.auth_secret else {
+        eprintln!("gateway token: needs the secret: --auth-secret or ROOMVISOR_AUTH_SECRET");
+        return ExitCode::from(2);
+    };
+    match auth::Auth::new(&secret.0).mint(sub, name, ttl, &claims) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gateway token: {e}");
             ExitCode::FAILURE
         }
     }
@@ -104,6 +132,8 @@ pub async fn run(config: Config) -> std::io::Result<()> {
             supervisor: supervisor.clone(),
             config: config.clone(),
             shutdown: shutdown.clone(),
+            auth: config.auth_secret.as_ref().map(|secret| auth::Auth::new(&secret.0)),
+            user: None,
             // Replaced by each connection's own.
             caller: rooms::Caller {
                 id: rooms::ClientId::next(),

@@ -43,6 +43,8 @@ pub struct Join {
     pub join_ref: Option<String>,
     /// The join's payload, handed to `onJoin` again when a new runtime replays the join.
     pub params: Box<RawValue>,
+    /// The socket's verified user (its token's claims), `conn.user` in the room.
+    pub user: Option<Arc<RawValue>>,
     /// Cancelled when the gateway ends this join itself (a new runtime refused its replay).
     pub closed: CancellationToken,
 }
@@ -171,7 +173,7 @@ impl PubSub {
     /// Subscribes a socket that listens without joining a room (tests, tools): admitted at
     /// once, with a conn id no room knows.
     pub fn subscribe_socket(&self, topic: &str, outbox: Outbox) -> SubscriptionId {
-        let (id, _) = self.subscribe(topic, outbox, None, RawValue::NULL.to_owned(), true);
+        let (id, _) = self.subscribe(topic, outbox, None, RawValue::NULL.to_owned(), None, true);
         self.admit(topic, id);
         id
     }
@@ -184,8 +186,9 @@ impl PubSub {
         outbox: Outbox,
         join_ref: Option<String>,
         params: Box<RawValue>,
+        user: Option<Arc<RawValue>>,
     ) -> (SubscriptionId, Arc<Join>) {
-        self.subscribe(topic, outbox, join_ref, params, false)
+        self.subscribe(topic, outbox, join_ref, params, user, false)
     }
 
     fn subscribe(
@@ -194,13 +197,14 @@ impl PubSub {
         outbox: Outbox,
         join_ref: Option<String>,
         params: Box<RawValue>,
+        user: Option<Arc<RawValue>>,
         listener: bool,
     ) -> (SubscriptionId, Arc<Join>) {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let id = SubscriptionId(n);
         let prefix = self.conn_prefix.get().map(String::as_str).unwrap_or_default();
         let conn: Arc<str> = format!("{prefix}{n}").into();
-        let join = Arc::new(Join { conn, join_ref, params, closed: CancellationToken::new() });
+        let join = Arc::new(Join { conn, join_ref, params, user, closed: CancellationToken::new() });
         let member = Member { outbox, join: join.clone(), held: Some(Mutex::default()), listener };
         self.add(topic, |t| {
             t.sockets.insert(id, member);

@@ -73,6 +73,24 @@ impl Gateway {
         Client { ws, next_ref: 0, skipped: Default::default() }
     }
 
+    /// Connects with a query string (after `vsn=2.0.0&`) and, optionally, the subprotocols to
+    /// offer; a refused upgrade gives its HTTP status.
+    pub async fn connect_with(&self, query: &str, protocols: Option<&str>) -> Result<Client, u16> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!("ws://{}/socket/websocket?vsn=2.0.0&{query}", self.addr);
+        let mut request = url.into_client_request().expect("a valid request");
+        if let Some(protocols) = protocols {
+            request
+                .headers_mut()
+                .insert("Sec-WebSocket-Protocol", protocols.parse().expect("a header value"));
+        }
+        match tokio_tungstenite::connect_async_with_config(request, None, true).await {
+            Ok((ws, _)) => Ok(Client { ws, next_ref: 0, skipped: Default::default() }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
+            Err(e) => panic!("the upgrade failed without an HTTP answer: {e}"),
+        }
+    }
+
     /// GET a path and parse the JSON body.
     pub fn get_json(&self, path: &str) -> Value {
         let (status, body) = http_get(self.addr, path, &[]);

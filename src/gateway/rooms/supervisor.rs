@@ -299,7 +299,7 @@ impl Supervisor {
         let detail = reset.unwrap_or("the room restarted");
         let (mut taken, mut closed) = (0, 0);
         for join in &joins {
-            let args = hooks::join_args(&join.conn, None, &join.params);
+            let args = hooks::join_args(&join.conn, join.user.as_deref(), &join.params);
             let answer = handle.call(hooks::JOIN, args).await;
             match answer.map(hooks::response) {
                 Ok(Ok(response)) => {

@@ -120,7 +120,7 @@ impl Channel {
         // In a cluster, the topic's subscription must reach NATS before the room is asked,
         // or a message sent on another node in between would be missed.
         self.ctx.supervisor.pubsub().synced().await;
-        let args = hooks::join_args(&self.join.conn, None, &self.join.params);
+        let args = hooks::join_args(&self.join.conn, self.join.user.as_deref(), &self.join.params);
         match self.call(hooks::JOIN, args).await {
             Ok(response) => {
                 let reply = frame.reply_ok(&response);
@@ -167,7 +167,7 @@ impl Channel {
     /// Replays this join into a runtime that does not know it; the client gets `room_reset`
     /// with its new join response, or `phx_close` if the room no longer takes it.
     async fn rejoin(&self) -> Handled {
-        let args = hooks::join_args(&self.join.conn, None, &self.join.params);
+        let args = hooks::join_args(&self.join.conn, self.join.user.as_deref(), &self.join.params);
         match self.call(hooks::JOIN, args).await {
             Ok(response) => {
                 let reset = RoomReset::restarted("the room restarted", &response);

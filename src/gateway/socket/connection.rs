@@ -26,6 +26,8 @@ pub mod close_code {
     pub const GOING_AWAY: u16 = 1001;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
+    /// The socket's token expired: phoenix.js reconnects, presenting a fresh one.
+    pub const TOKEN_EXPIRED: u16 = 4001;
 }
 
 pub(super) fn closing(code: u16, reason: &'static str) -> Closing {
@@ -96,9 +98,17 @@ impl Connection {
         let mut idle_deadline = Instant::now() + idle_timeout;
         let overflowed = self.outbox.overflowed().clone();
         let shutdown = self.ctx.shutdown.clone();
+        let token_expiry = self.ctx.user.as_ref().map(|user| {
+            let left = user.expires_at_ms.saturating_sub(crate::util::epoch_ms());
+            Instant::now() + std::time::Duration::from_millis(left)
+        });
         loop {
             tokio::select! {
                 () = shutdown.wait() => return closing(close_code::GOING_AWAY, "server shutting down"),
+                () = sleep_until_opt(token_expiry) => {
+                    tracing::info!("closing a socket whose token expired");
+                    return closing(close_code::TOKEN_EXPIRED, "token expired");
+                }
                 () = overflowed.cancelled() => {
                     tracing::info!("disconnecting a client that does not keep up with its messages");
                     return closing(close_code::POLICY, "outbound queue full");
@@ -222,8 +232,14 @@ impl Connection {
         // follows the join's reply, so nothing between the room's answer and the
         // subscription is missed; a refused join drops it unseen.
         let pubsub = self.ctx.supervisor.pubsub().clone();
-        let (subscription_id, join) =
-            pubsub.subscribe_join(&topic, self.outbox.clone(), frame.join_ref.clone(), frame.payload.clone());
+        let user = self.ctx.user.as_ref().map(|user| user.claims.clone());
+        let (subscription_id, join) = pubsub.subscribe_join(
+            &topic,
+            self.outbox.clone(),
+            frame.join_ref.clone(),
+            frame.payload.clone(),
+            user,
+        );
         let subscription = Subscription { pubsub, topic: topic.clone(), id: subscription_id };
         let replaced = CancellationToken::new();
         let joined = JoinedChannel {
@@ -289,5 +305,12 @@ fn on_read_error(error: axum::Error) -> Closing {
             tracing::debug!("socket read failed: {inner}");
             None
         }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }

@@ -15,6 +15,7 @@ use axum::extract::ws::{Message, WebSocket};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::gateway::auth::{Auth, User};
 use crate::gateway::config::Config;
 use crate::gateway::phoenix::{write_frames, Outbox, TokenBucket};
 use crate::gateway::rooms::{Caller, ClientId, Supervisor};
@@ -32,6 +33,10 @@ pub struct SocketContext {
     pub shutdown: Shutdown,
     /// This socket as a client of the rooms; each connection gets its own (see `serve`).
     pub caller: Caller,
+    /// The gateway's key, when sockets must present a token.
+    pub auth: Option<Auth>,
+    /// Who this socket is, from its token (set at the upgrade); `None` when anonymous.
+    pub user: Option<Arc<User>>,
 }
 
 /// Serves one upgraded connection until either side closes it.
