@@ -12,7 +12,17 @@ function onJoin(conn, params) {
   // '{"rooms":["vip"]}'`) admits its holder to those rooms only.
   const rooms = conn.user && conn.user.rooms;
   if (Array.isArray(rooms) && !rooms.includes(Room.id)) Room.refuse(`your token does not admit you to ${Room.id}`);
+  // Who is online: one key per person (a second tab adds a second meta under the same key).
+  // A verified user is their sub; an anonymous one the name they chose in the join.
+  const name = conn.user ? displayName(conn.user) : chosenName(params);
+  const key = conn.user ? String(conn.user.sub) : name;
+  Room.presence.track(conn.id, key, { name, online_at: Date.now() });
   return { messages: getHistory(Room.settings.historyOnJoin) };
+}
+
+function chosenName(params) {
+  const name = params && typeof params.name === "string" ? params.name.trim() : "";
+  return name === "" ? "anonymous" : [...name].slice(0, Room.settings.maxSenderChars).join("");
 }
 
 function onEvent(conn, event, payload) {

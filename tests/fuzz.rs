@@ -765,6 +765,21 @@ fn check_form(frame: &Value) -> Result<(), String> {
                 return Err("new_message is not {id, sender, text, timestamp}".into());
             }
         }
+        // The chat tracks each join: its joiner gets the list, the room the diffs.
+        "presence_state" => {
+            if !items[1].is_null() || !is_presence_list(&items[4]) {
+                return Err("presence_state is not [jr, null, topic, _, {key: {metas}}]".into());
+            }
+        }
+        "presence_diff" => {
+            if !items[0].is_null() || !items[1].is_null() {
+                return Err("a presence_diff carries refs".into());
+            }
+            let ok = is_presence_list(&items[4]["joins"]) && is_presence_list(&items[4]["leaves"]);
+            if !ok || payload.len() != 2 {
+                return Err("presence_diff is not {joins, leaves}".into());
+            }
+        }
         other => return Err(format!("an event the fuzzer never causes: {other:?}")),
     }
     Ok(())
@@ -865,6 +880,8 @@ impl Fuzzer {
             ("new_message", None) => self.stats.new_messages += 1,
             // A rejoin can close a channel the model already saw leave.
             ("phx_close", None) => {}
+            // Who is online, after each join and as others come and go; shapes checked above.
+            ("presence_state" | "presence_diff", None) => {}
             _ => self.fail(&format!("an unexpected frame: {frame}")),
         }
     }
@@ -1215,4 +1232,13 @@ async fn a_push_pipelined_behind_a_leave_or_a_failed_join_still_gets_a_reply() {
         .await
         .expect("a push queued behind a refused join got no reply at all");
     assert_eq!(reply, json!({"status": "error", "response": {"reason": "unmatched topic"}}));
+}
+
+/// Phoenix Presence's shape: `{key: {metas: [{phx_ref, ...}]}}`.
+fn is_presence_list(value: &Value) -> bool {
+    value.as_object().is_some_and(|keys| {
+        keys.values().all(|entry| {
+            entry["metas"].as_array().is_some_and(|metas| metas.iter().all(|m| m["phx_ref"].is_string()))
+        })
+    })
 }

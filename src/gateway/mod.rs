@@ -11,6 +11,7 @@ pub mod ids;
 mod listener;
 mod origin;
 pub mod phoenix;
+pub mod presence;
 pub mod pubsub;
 mod quota;
 pub mod rooms;

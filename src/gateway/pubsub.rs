@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::gateway::ids::RuntimeId;
 use crate::gateway::phoenix::{self, Outbox};
+use crate::gateway::presence::{Changed, PresenceState};
 use crate::util::{LockExt, RwLockExt};
 
 /// Frames held for a join its room has not accepted yet; past either bound the socket is
@@ -131,16 +132,24 @@ pub struct PubSub {
     topics: RwLock<HashMap<String, Topic>>,
     next_id: AtomicU64,
     cluster: OnceLock<mpsc::UnboundedSender<ClusterCommand>>,
-    /// In a cluster, `"<node>."`: conn ids name the node that holds the join.
+    /// In a cluster, `"<node>."`: conn ids (and presence refs) name the node that made them.
     conn_prefix: OnceLock<String>,
+    /// Who is in each room, by the room script's own account (`Room.presence`).
+    presence: Mutex<PresenceState>,
+    next_presence_ref: AtomicU64,
+    /// This PubSub, for the tasks that flush presence diffs a little later.
+    me: std::sync::Weak<PubSub>,
 }
+
+/// Presence changes within this interval go out as one `presence_diff`.
+const PRESENCE_FLUSH: Duration = Duration::from_millis(50);
 
 /// How long a join waits for its topic's cluster subscription before it goes on anyway.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl PubSub {
     pub fn new() -> Arc<PubSub> {
-        Arc::new(PubSub::default())
+        Arc::new_cyclic(|me| PubSub { me: me.clone(), ..PubSub::default() })
     }
 
     /// Joins this PubSub to a cluster: from now on it reports topics opened and closed and
@@ -249,6 +258,84 @@ impl PubSub {
         if let Some(member) = removed {
             member.outbox.send(phoenix::close(member.join.join_ref.as_deref(), topic));
             member.join.closed.cancel();
+            self.presence_untrack(topic, &member.join.conn);
+        }
+    }
+
+    /// `Room.presence.track`: lists the join under `key` with `meta`. Only a join that is
+    /// still here is tracked: checked under the presence lock, which a leave takes after the
+    /// member is gone, so a track that loses the race to a leave cannot leave a ghost entry.
+    pub fn presence_track(
+        &self,
+        topic: &str,
+        conn: &str,
+        key: String,
+        meta: serde_json::Map<String, serde_json::Value>,
+    ) {
+        let changed = {
+            let mut presence = self.presence.lock_or_recover();
+            let Some(id) = self.local_subscription(conn) else { return };
+            let Some(conn) = self.read(topic, |t| t.sockets.get(&id).map(|m| m.join.conn.clone())) else {
+                return;
+            };
+            let n = self.next_presence_ref.fetch_add(1, Ordering::Relaxed);
+            let prefix = self.conn_prefix.get().map(String::as_str).unwrap_or_default();
+            presence.track(topic, conn, key, meta, format!("{prefix}{n}"))
+        };
+        self.after_presence_change(topic, changed);
+    }
+
+    /// `Room.presence.untrack`, and every join that ends.
+    pub fn presence_untrack(&self, topic: &str, conn: &str) {
+        let changed = self.presence.lock_or_recover().untrack(topic, conn);
+        self.after_presence_change(topic, changed);
+    }
+
+    /// `Room.presence.list()`: `{key: {metas: [...]}}`.
+    pub fn presence_list(&self, topic: &str) -> serde_json::Value {
+        self.presence.lock_or_recover().list(topic)
+    }
+
+    /// `presence_state` for a join that was just accepted, on its own join_ref.
+    pub fn presence_state_frame(&self, topic: &str, join_ref: Option<&str>) -> Utf8Bytes {
+        let list = self.presence_list(topic);
+        phoenix::push(join_ref, topic, phoenix::PRESENCE_STATE, &list)
+    }
+
+    /// A new runtime replays these joins: their entries wait to be tracked again.
+    pub fn presence_begin_replay(&self, topic: &str, conns: impl IntoIterator<Item = Arc<str>>) {
+        self.presence.lock_or_recover().begin_replay(topic, conns);
+    }
+
+    /// The replay is over: what the new runtime did not track again leaves.
+    pub fn presence_end_replay(&self, topic: &str) {
+        let changed = self.presence.lock_or_recover().end_replay(topic);
+        self.after_presence_change(topic, changed);
+    }
+
+    fn after_presence_change(&self, topic: &str, changed: Changed) {
+        if changed != Changed::ScheduleFlush {
+            return;
+        }
+        match self.me.upgrade() {
+            Some(me) => {
+                let topic = topic.to_owned();
+                tokio::spawn(async move {
+                    tokio::time::sleep(PRESENCE_FLUSH).await;
+                    me.flush_presence(&topic);
+                });
+            }
+            // A PubSub made without `new` (a unit test's) has no task to flush later.
+            None => self.flush_presence(topic),
+        }
+    }
+
+    /// Sends the changes of the last interval to this node's joins, as one frame.
+    fn flush_presence(&self, topic: &str) {
+        let diff = self.presence.lock_or_recover().take_diff(topic);
+        if let Some(diff) = diff {
+            let frame = phoenix::push(None, topic, phoenix::PRESENCE_DIFF, &diff);
+            self.broadcast_local(topic, &frame);
         }
     }
 
@@ -291,9 +378,13 @@ impl PubSub {
     }
 
     pub fn unsubscribe_socket(&self, topic: &str, id: SubscriptionId) {
-        self.remove(topic, |t| {
-            t.sockets.remove(&id);
-        });
+        let mut removed = None;
+        self.remove(topic, |t| removed = t.sockets.remove(&id));
+        // A join's presence leaves with it (after it is gone, so a track racing the leave
+        // finds no member; see `presence_track`).
+        if let Some(member) = removed {
+            self.presence_untrack(topic, &member.join.conn);
+        }
     }
 
     pub fn subscribe_runtime(&self, channel: &str, runtime: RuntimeId, inbox: RuntimeInbox) {

@@ -77,6 +77,16 @@ pub enum FromWorker {
         payload: String,
         except: Vec<String>,
     },
+    /// `Room.presence.track`: list a join under `key`; `meta` is a JSON object.
+    Track {
+        conn: String,
+        key: String,
+        meta: String,
+    },
+    /// `Room.presence.untrack`.
+    Untrack {
+        conn: String,
+    },
     /// The runtime opened its first / closed its last BroadcastChannel of this name.
     Subscribe {
         channel: String,

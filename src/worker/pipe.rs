@@ -216,6 +216,15 @@ impl Host for Pipe {
         self.send(FromWorker::Broadcast { event, payload, except });
     }
 
+    fn track(&self, conn: &str, key: &str, meta_json: &str) {
+        let (conn, key, meta) = (conn.to_owned(), key.to_owned(), meta_json.to_owned());
+        self.send(FromWorker::Track { conn, key, meta });
+    }
+
+    fn untrack(&self, conn: &str) {
+        self.send(FromWorker::Untrack { conn: conn.to_owned() });
+    }
+
     fn subscribe(&self, channel: &str) {
         self.send(FromWorker::Subscribe { channel: channel.to_owned() });
     }

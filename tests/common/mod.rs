@@ -70,7 +70,7 @@ impl Gateway {
         let url = format!("ws://{}/socket/websocket?vsn=2.0.0", self.addr);
         let (ws, _) =
             tokio_tungstenite::connect_async_with_config(url, None, true).await.expect("websocket connects");
-        Client { ws, next_ref: 0, skipped: Default::default() }
+        Client { ws, next_ref: 0, presence: false, skipped: Default::default() }
     }
 
     /// Connects with a query string (after `vsn=2.0.0&`) and, optionally, the subprotocols to
@@ -85,7 +85,7 @@ impl Gateway {
                 .insert("Sec-WebSocket-Protocol", protocols.parse().expect("a header value"));
         }
         match tokio_tungstenite::connect_async_with_config(request, None, true).await {
-            Ok((ws, _)) => Ok(Client { ws, next_ref: 0, skipped: Default::default() }),
+            Ok((ws, _)) => Ok(Client { ws, next_ref: 0, presence: false, skipped: Default::default() }),
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
             Err(e) => panic!("the upgrade failed without an HTTP answer: {e}"),
         }
@@ -223,6 +223,9 @@ pub async fn wait_for_async<T, F: std::future::Future<Output = Option<T>>>(
 pub struct Client {
     pub ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
     next_ref: u64,
+    /// Whether `presence_state` / `presence_diff` frames are kept; most tests are about
+    /// something else and never see them.
+    pub presence: bool,
     /// Frames that arrived while waiting for another; pushes and replies may interleave.
     skipped: std::collections::VecDeque<Value>,
 }
@@ -297,7 +300,12 @@ impl Client {
             let message = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()??;
             match message {
                 Ok(Message::Text(text)) => {
-                    return Some(serde_json::from_str(&text).expect("frames are JSON"))
+                    let frame: Value = serde_json::from_str(&text).expect("frames are JSON");
+                    let is_presence = frame[3] == "presence_state" || frame[3] == "presence_diff";
+                    if is_presence && !self.presence {
+                        continue;
+                    }
+                    return Some(frame);
                 }
                 Ok(Message::Close(frame)) => panic!("socket closed: {frame:?}"),
                 Ok(_) => continue,

@@ -14,6 +14,9 @@ pub const PHOENIX_TOPIC: &str = "phoenix";
 
 /// Pushed to a room's sockets when its runtime ended and its state started over.
 pub const ROOM_RESET: &str = "room_reset";
+/// Phoenix Presence's events, which phoenix.js's `Presence` listens for.
+pub const PRESENCE_STATE: &str = "presence_state";
+pub const PRESENCE_DIFF: &str = "presence_diff";
 /// A room's broadcast (`Beam.call("broadcast", ...)`, or a post on the room's own topic).
 pub const NEW_MESSAGE: &str = "new_message";
 

@@ -7,7 +7,7 @@ mod writer;
 
 pub use frame::{
     close, encode, push, Empty, Frame, MalformedFrame, Reply, HEARTBEAT, NEW_MESSAGE, PHOENIX_TOPIC,
-    PHX_CLOSE, PHX_JOIN, PHX_LEAVE, PHX_REPLY, ROOM_RESET,
+    PHX_CLOSE, PHX_JOIN, PHX_LEAVE, PHX_REPLY, PRESENCE_DIFF, PRESENCE_STATE, ROOM_RESET,
 };
 pub use rate::TokenBucket;
 pub use writer::{write_batch, write_frames, Closing, Outbox, OutboxReceiver};

@@ -351,6 +351,11 @@ impl Actor {
                 let frame = phoenix::push(None, &self.topic, &event, &*payload);
                 self.pubsub.broadcast_except(&self.topic, &frame, &except);
             }
+            FromWorker::Track { conn, key, meta } => match serde_json::from_str(&meta) {
+                Ok(meta) => self.pubsub.presence_track(&self.topic, &conn, key, meta),
+                Err(e) => return Err(Violation(format!("a presence meta that is not a JSON object: {e}"))),
+            },
+            FromWorker::Untrack { conn } => self.pubsub.presence_untrack(&self.topic, &conn),
             FromWorker::Subscribe { channel } => {
                 self.pubsub.subscribe_runtime(&channel, self.spec.runtime, self.inbox_tx.clone());
                 self.channels.insert(channel);
@@ -383,6 +388,8 @@ impl Actor {
                 self.pubsub.broadcast(&self.topic, &frame);
                 Ok("null".to_owned())
             }
+            // `Room.presence.list()`.
+            "presence_list" => Ok(self.pubsub.presence_list(&self.topic).to_string()),
             other => Err(format!("no host handler named \"{other}\"")),
         }
     }

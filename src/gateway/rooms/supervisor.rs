@@ -298,6 +298,9 @@ impl Supervisor {
         }
         let detail = reset.unwrap_or("the room restarted");
         let (mut taken, mut closed) = (0, 0);
+        // Presence outlives the runtime: entries stay while the new one replays the joins,
+        // and those it does not track again leave when the replay is over.
+        pubsub.presence_begin_replay(&topic, joins.iter().map(|join| join.conn.clone()));
         for join in &joins {
             let args = hooks::join_args(&join.conn, join.user.as_deref(), &join.params);
             let answer = handle.call(hooks::JOIN, args).await;
@@ -323,6 +326,7 @@ impl Supervisor {
                 }
             }
         }
+        pubsub.presence_end_replay(&topic);
         tracing::info!(room = %handle.room, pid = handle.pid, taken, closed, "replayed the room's joins");
     }
 

@@ -130,7 +130,11 @@ impl Channel {
                     return Joined::Unanswered;
                 }
                 self.outbox.send(reply);
-                self.ctx.supervisor.pubsub().admit(&self.topic, self.subscription_id);
+                // As Phoenix Presence does: the joiner learns who is there right after its
+                // reply, then hears the diffs (those held during the join follow).
+                let pubsub = self.ctx.supervisor.pubsub();
+                self.outbox.send(pubsub.presence_state_frame(&self.topic, self.join.join_ref.as_deref()));
+                pubsub.admit(&self.topic, self.subscription_id);
                 Joined::Yes
             }
             Err(e) => {

@@ -36,6 +36,9 @@ pub trait Host {
     fn push(&self, conn: &str, event: &str, payload_json: &str);
     /// `Room.broadcast`: an event for every join but `except`.
     fn broadcast(&self, event: &str, payload_json: &str, except: Vec<String>);
+    /// `Room.presence.track` / `untrack`.
+    fn track(&self, conn: &str, key: &str, meta_json: &str);
+    fn untrack(&self, conn: &str);
     fn subscribe(&self, channel: &str);
     fn unsubscribe(&self, channel: &str);
     fn log(&self, level: LogLevel, message: &str);

@@ -46,6 +46,15 @@ pub(super) fn natives<'js>(ctx: &Ctx<'js>, host: Rc<dyn Host>) -> rquickjs::Resu
         })?,
     )?;
     let h = host.clone();
+    natives.set(
+        "track",
+        Function::new(ctx.clone(), move |conn: String, key: String, meta: String| {
+            h.track(&conn, &key, &meta)
+        })?,
+    )?;
+    let h = host.clone();
+    natives.set("untrack", Function::new(ctx.clone(), move |conn: String| h.untrack(&conn))?)?;
+    let h = host.clone();
     natives.set("subscribe", Function::new(ctx.clone(), move |channel: String| h.subscribe(&channel))?)?;
     let h = host.clone();
     natives

@@ -94,6 +94,23 @@
       connections() {
         return [...conns.values()];
       },
+      // Phoenix Presence, kept by the gateway (so a crash of this runtime does not lose it):
+      // phoenix.js's Presence class reads the list and its diffs unchanged.
+      presence: Object.freeze({
+        track(connId, key, meta) {
+          const value = meta === undefined ? {} : meta;
+          if (value === null || typeof value !== "object" || Array.isArray(value)) {
+            throw new TypeError("presence meta must be an object");
+          }
+          native.track(String(connId), String(key), toJson(value));
+        },
+        untrack(connId) {
+          native.untrack(String(connId));
+        },
+        list() {
+          return JSON.parse(native.hostCallSync("presence_list", "[]"));
+        },
+      }),
     }),
   );
 

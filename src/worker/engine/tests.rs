@@ -42,6 +42,14 @@ impl Host for StandInHost {
         self.broadcasts.borrow_mut().push((event.to_owned(), payload_json.to_owned(), except));
     }
 
+    fn track(&self, conn: &str, key: &str, meta_json: &str) {
+        self.host_calls.borrow_mut().push(("track".to_owned(), format!("{conn} {key} {meta_json}")));
+    }
+
+    fn untrack(&self, conn: &str) {
+        self.host_calls.borrow_mut().push(("untrack".to_owned(), conn.to_owned()));
+    }
+
     fn subscribe(&self, _channel: &str) {}
 
     fn unsubscribe(&self, _channel: &str) {}
