@@ -22,7 +22,6 @@ use axum::serve::ListenerExt;
 use axum::Router;
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
-use roomvisor::gateway::chat::{SendMessage, SEND_MESSAGE};
 use roomvisor::gateway::phoenix::{self, Frame, Reply};
 use serde::Serialize;
 use serde_json::value::{to_raw_value, RawValue};
@@ -250,7 +249,7 @@ impl Connection {
     }
 
     fn send_message(&self, frame: &Frame) -> Utf8Bytes {
-        let input = match SendMessage::read(&frame.payload, MAX_SENDER_CHARS, MAX_TEXT_CHARS) {
+        let input = match SendMessage::read(&frame.payload) {
             Ok(input) => input,
             Err(reason) => return frame.reply_error(&reason),
         };
@@ -291,4 +290,36 @@ impl Drop for Connection {
 fn now_ms() -> u64 {
     let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The one client event the chat answers.
+const SEND_MESSAGE: &str = "send_message";
+
+/// A `send_message` payload, checked as the chat room script checks it (rooms/chat-room.js):
+/// the same work per message, done in process.
+#[derive(serde::Deserialize)]
+struct SendMessage {
+    sender: String,
+    text: String,
+}
+
+impl SendMessage {
+    fn read(payload: &serde_json::value::RawValue) -> Result<SendMessage, String> {
+        let invalid = || "invalid payload: expected {\"sender\": string, \"text\": string}".to_owned();
+        if !payload.get().starts_with('{') {
+            return Err(invalid());
+        }
+        let message: SendMessage = serde_json::from_str(payload.get()).map_err(|_| invalid())?;
+        for (name, value, max) in
+            [("sender", &message.sender, MAX_SENDER_CHARS), ("text", &message.text, MAX_TEXT_CHARS)]
+        {
+            if value.trim().is_empty() {
+                return Err(format!("{name} must not be blank"));
+            }
+            if value.chars().count() > max {
+                return Err(format!("{name} is longer than {max} characters"));
+            }
+        }
+        Ok(message)
+    }
 }
