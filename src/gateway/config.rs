@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::gateway::ids::{is_valid_kind, DEFAULT_KIND};
+use crate::gateway::typescript::strip_types;
 use crate::wire::{RuntimeLimits, DEFAULT_MAX_FRAME_BYTES, WORKER_ARGV0};
 
 #[derive(Debug, Clone, Parser)]
@@ -354,7 +355,9 @@ impl Config {
     }
 
     /// The kind's script: its name (for stack traces) and source. The default paths fall back
-    /// to the built-in chat and game, so `cargo run` works from any directory.
+    /// to the built-in chat and game, so `cargo run` works from any directory. A `.ts` script
+    /// comes back as JavaScript with every position kept and its own name, so traces still say
+    /// `game.ts:9`.
     pub fn load_script(&self, kind: &str) -> std::io::Result<(String, String)> {
         let script = match self.rooms.iter().find(|k| k.prefix == kind) {
             Some(room_kind) => room_kind.script.clone(),
@@ -367,6 +370,13 @@ impl Config {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "room.js".to_owned());
         match std::fs::read_to_string(&script) {
+            // InvalidData: the file was read; it is what it says that the room cannot run.
+            Ok(source) if script.extension().is_some_and(|e| e == "ts") => {
+                strip_types(&name, &source).map(|javascript| (name, javascript)).map_err(|e| {
+                    let message = format!("cannot load room script {}: {e}", script.display());
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, message)
+                })
+            }
             Ok(source) => Ok((name, source)),
             Err(e)
                 if e.kind() == std::io::ErrorKind::NotFound && script.as_os_str() == DEFAULT_ROOM_SCRIPT =>

@@ -17,6 +17,7 @@ mod quota;
 pub mod rooms;
 mod shutdown;
 mod socket;
+pub mod typescript;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
