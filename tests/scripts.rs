@@ -69,9 +69,16 @@ async fn beam_call_sync_broadcast_reaches_websocket_clients() {
 }
 
 #[tokio::test]
-async fn the_default_room_broadcasts_through_its_broadcast_channel() {
-    // rooms/chat-room.js posts on `new BroadcastChannel("room:" + Room.id)`.
-    let gateway = Gateway::start(&[]);
+async fn a_post_on_the_rooms_own_broadcast_channel_reaches_its_clients() {
+    // The original design's way to broadcast, beside Room.broadcast: a post on the channel
+    // named after the room's topic reaches its Phoenix clients as new_message.
+    let script = script_file(
+        "posting.js",
+        r#"const channel = new BroadcastChannel(Room.topic);
+           function getHistory() { return []; }
+           function sendMessage(sender, text) { const m = { id: 1, sender, text }; channel.postMessage(m); return m; }"#,
+    );
+    let gateway = Gateway::start(&["--room-script", script.to_str().unwrap()]);
     let mut ann = gateway.connect().await;
     let mut bob = gateway.connect().await;
     let (ann_ref, _) = ann.join_ok("room:bc").await;

@@ -62,7 +62,7 @@ async fn a_typescript_script_that_does_not_parse_fails_its_rooms_start_not_the_g
     let (_, refused) = client.join("broken:x").await;
     assert_eq!(refused["status"], "error", "{refused}");
     let reason = refused["response"]["reason"].as_str().unwrap_or_default();
-    assert!(reason.starts_with("room unavailable: "), "{refused}");
+    assert_eq!(reason, "room unavailable: the room script failed to start", "{refused}");
     assert!(!refused.to_string().contains("fixtures"), "no path reaches the client: {refused}");
     // The operator's log says which file, where, and what is wrong with it.
     assert!(

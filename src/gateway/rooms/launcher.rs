@@ -17,7 +17,7 @@ use super::process;
 use crate::gateway::config::Config;
 use crate::gateway::ids::{RoomId, RuntimeId};
 use crate::gateway::pubsub::PubSub;
-use crate::wire::{RuntimeLimits, PARENT_PID_ENV};
+use crate::wire::{RuntimeLimits, ScriptError, PARENT_PID_ENV};
 
 /// Starts one runtime of a room.
 pub(crate) trait Launcher: Send + Sync + 'static {
@@ -41,8 +41,12 @@ pub(crate) struct ProcessLauncher {
 impl Launcher for ProcessLauncher {
     fn launch(&self, room: &RoomId, runtime: RuntimeId) -> Result<Launched, RoomError> {
         let config = &self.config;
-        let (script_name, script) =
-            config.load_script(room.kind()).map_err(|e| RoomError::ScriptUnreadable(Arc::new(e)))?;
+        let (script_name, script) = config.load_script(room.kind()).map_err(|e| match e.kind() {
+            // Read, but not runnable (a .ts that does not strip): the script's own fault,
+            // like a syntax error, and counted towards the crash-loop guard as one.
+            std::io::ErrorKind::InvalidData => RoomError::StartFailed(ScriptError::exception(e.to_string())),
+            _ => RoomError::ScriptUnreadable(Arc::new(e)),
+        })?;
         let (worker_path, worker_argv0) = config.worker_command().map_err(|e| {
             tracing::error!(room = %room, "cannot find the room-worker executable: {e}");
             RoomError::WorkerNotFound(Arc::new(e))
