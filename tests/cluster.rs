@@ -365,3 +365,99 @@ async fn without_nats_the_gateway_starts_and_refuses_rooms_clearly() {
     assert!(reason.contains("cluster"), "the reason names the cause: {reason}");
     assert_eq!(common::workers_of(gateway.pid()).len(), 0);
 }
+
+/// A client's view of a room's presence keys, kept from `presence_state` and `presence_diff`
+/// as phoenix.js keeps it (by `phx_ref`).
+#[derive(Default)]
+struct PresenceView {
+    metas: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl PresenceView {
+    fn apply(&mut self, frame: &Value) {
+        let add = |view: &mut Self, list: &Value| {
+            for (key, entry) in list.as_object().into_iter().flatten() {
+                let refs = view.metas.entry(key.clone()).or_default();
+                for meta in entry["metas"].as_array().into_iter().flatten() {
+                    let r = meta["phx_ref"].as_str().unwrap_or_default().to_owned();
+                    if !refs.contains(&r) {
+                        refs.push(r);
+                    }
+                }
+            }
+        };
+        match frame[3].as_str() {
+            Some("presence_state") => {
+                self.metas.clear();
+                add(self, &frame[4]);
+            }
+            Some("presence_diff") => {
+                add(self, &frame[4]["joins"]);
+                for (key, entry) in frame[4]["leaves"].as_object().into_iter().flatten() {
+                    let gone: Vec<&str> = entry["metas"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|m| m["phx_ref"].as_str())
+                        .collect();
+                    if let Some(refs) = self.metas.get_mut(key) {
+                        refs.retain(|r| !gone.contains(&r.as_str()));
+                        if refs.is_empty() {
+                            self.metas.remove(key);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn keys(&self) -> Vec<(String, usize)> {
+        self.metas.iter().map(|(k, refs)| (k.clone(), refs.len())).collect()
+    }
+}
+
+async fn presence_settles(
+    client: &mut common::Client,
+    view: &mut PresenceView,
+    want: &[(&str, usize)],
+    within: Duration,
+) {
+    let want: Vec<(String, usize)> = want.iter().map(|(k, n)| (k.to_string(), *n)).collect();
+    let deadline = tokio::time::Instant::now() + within;
+    while view.keys() != want {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(frame) = client.try_recv(left).await else {
+            panic!("presence never settled on {want:?}; the client sees {:?}", view.keys());
+        };
+        view.apply(&frame);
+    }
+}
+
+#[tokio::test]
+async fn every_gateway_sees_one_presence_list_and_a_dead_node_takes_its_entries() {
+    let Some(nats) = Nats::start() else { return };
+    let mut doomed = nats.gateway("gw-doomed");
+    let survivor = nats.gateway("gw-survivor");
+    let topic = "room:lounge";
+    let mut ann = survivor.connect().await;
+    ann.presence = true;
+    let mut ann_view = PresenceView::default();
+    ann.join_with(topic, json!({"name": "ann"})).await;
+    let mut bob = doomed.connect().await;
+    bob.presence = true;
+    let mut bob_view = PresenceView::default();
+    bob.join_with(topic, json!({"name": "bob"})).await;
+    // A second tab of bob's, on the survivor: one key, two metas, each listed once everywhere.
+    let mut bob2 = survivor.connect().await;
+    bob2.join_with(topic, json!({"name": "bob"})).await;
+    let settle = Duration::from_secs(5);
+    presence_settles(&mut ann, &mut ann_view, &[("ann", 1), ("bob", 2)], settle).await;
+    presence_settles(&mut bob, &mut bob_view, &[("ann", 1), ("bob", 2)], settle).await;
+
+    doomed.signal(Signal::SIGKILL);
+    doomed.wait_exit(Duration::from_secs(5));
+    // Within the lease time, bob's entry from the dead node leaves; his other tab stays.
+    let lease = Duration::from_millis(LEASE_MS.parse().unwrap_or(3000));
+    presence_settles(&mut ann, &mut ann_view, &[("ann", 1), ("bob", 1)], lease * 3).await;
+}

@@ -102,6 +102,37 @@ async fn a_socket_is_closed_when_its_token_expires() {
     assert_eq!(closed.ok().flatten(), Some(4001), "closed with 'token expired'");
 }
 
+#[tokio::test]
+async fn a_still_valid_token_is_refreshed_with_the_same_claims_and_opens_a_socket() {
+    let gateway = secured();
+    assert_eq!(common::http_get(gateway.addr, "/api/auth", &[]).1, r#"{"required":true}"#);
+    let token = mint(&["--sub", "u-ann", "--name", "Ann", "--ttl", "10m"]);
+    let bearer = format!("Bearer {token}");
+    let (status, body) = common::http_post(gateway.addr, "/api/token/refresh", &[("Authorization", &bearer)]);
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let fresh = answer["token"].as_str().expect("a token");
+    assert!(answer["expires_at"].as_u64().is_some_and(|at| at > 500_000 + now_ms()), "{answer}");
+    let mut client =
+        gateway.connect_with(&format!("token={fresh}"), None).await.expect("the fresh token works");
+    let (join_ref, _) = client.join_ok("room:again").await;
+    let reply = client.send_message(&join_ref, "room:again", "x", "hi").await;
+    assert_eq!(reply["response"]["sender"], "Ann", "the same claims");
+
+    for bad in ["Bearer junk", "Bearer ", "Basic x"] {
+        let (status, _) = common::http_post(gateway.addr, "/api/token/refresh", &[("Authorization", bad)]);
+        assert_eq!(status, 401, "{bad}");
+    }
+    let (status, _) = common::http_post(gateway.addr, "/api/token/refresh", &[]);
+    assert_eq!(status, 401);
+    let open = Gateway::start(&[]);
+    assert_eq!(common::http_get(open.addr, "/api/auth", &[]).1, r#"{"required":false}"#);
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 #[test]
 fn gateway_token_without_a_secret_says_what_it_needs() {
     let output = Command::new(env!("CARGO_BIN_EXE_gateway"))

@@ -14,6 +14,12 @@ use crate::util::epoch_ms;
 
 /// phoenix.js sends `authToken` as the subprotocol `base64url.bearer.phx.<token in base64url>`.
 const AUTH_TOKEN_PROTOCOL_PREFIX: &str = "base64url.bearer.phx.";
+/// A refresh keeps a session going, but not for ever: a stolen token cannot be kept alive
+/// past this long after its holder first signed in (`auth_time`).
+const MAX_SESSION: Duration = Duration::from_secs(24 * 3600);
+/// A token without `iat` is refreshed for this long.
+const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+
 /// Longest token looked at: a token is a few hundred bytes; a huge one is an attack on the
 /// parser, refused before it is decoded.
 const MAX_TOKEN_BYTES: usize = 4096;
@@ -47,6 +53,8 @@ pub enum AuthError {
     Expired,
     /// The token has no `sub` (or it is not a non-empty string).
     NoSubject,
+    /// A refresh of a session that began longer ago than a refresh may extend.
+    SessionTooOld,
 }
 
 impl std::fmt::Display for AuthError {
@@ -57,6 +65,7 @@ impl std::fmt::Display for AuthError {
             AuthError::Forged => "a token with a bad signature",
             AuthError::Expired => "an expired token",
             AuthError::NoSubject => "a token without a subject (sub)",
+            AuthError::SessionTooOld => "a session too old to refresh",
         })
     }
 }
@@ -125,6 +134,33 @@ impl Auth {
         claims.insert("iat".into(), now.into());
         claims.insert("exp".into(), now.saturating_add(ttl.as_secs().max(1)).into());
         encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).map_err(|e| e.to_string())
+    }
+}
+
+impl Auth {
+    /// A fresh token for a still-valid one: the same claims, a new `iat` and an `exp` as far
+    /// ahead as the old token's lifetime, and `auth_time` kept (set from the first `iat`),
+    /// so a session can be kept alive for at most [`MAX_SESSION`]. Returns the token and its
+    /// expiry (ms since the epoch).
+    pub fn refresh(&self, token: &str) -> Result<(String, u64), AuthError> {
+        let user = self.verify(token)?;
+        let mut claims: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(user.claims.get()).map_err(|_| AuthError::Malformed)?;
+        let number = |name: &str| claims.get(name).and_then(serde_json::Value::as_u64);
+        let now = epoch_ms() / 1000;
+        let exp = user.expires_at_ms / 1000;
+        let lifetime = number("iat").map_or(DEFAULT_LIFETIME.as_secs(), |iat| exp.saturating_sub(iat).max(1));
+        let auth_time = number("auth_time").or(number("iat")).unwrap_or(now);
+        if now.saturating_sub(auth_time) > MAX_SESSION.as_secs() {
+            return Err(AuthError::SessionTooOld);
+        }
+        let exp = now.saturating_add(lifetime);
+        claims.insert("auth_time".into(), auth_time.into());
+        claims.insert("iat".into(), now.into());
+        claims.insert("exp".into(), exp.into());
+        let token = encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|_| AuthError::Malformed)?;
+        Ok((token, exp.saturating_mul(1000)))
     }
 }
 
@@ -239,6 +275,27 @@ mod tests {
             encode(&Header::new(Algorithm::HS512), &serde_json::json!({"sub": "u", "exp": future}), &key)
                 .unwrap();
         assert_eq!(auth.verify(&hs512).unwrap_err(), AuthError::Forged, "only HS256 is accepted");
+    }
+
+    #[test]
+    fn a_refresh_keeps_the_claims_and_the_lifetime_but_not_for_ever() {
+        let auth = Auth::new("s3cret");
+        let extra = serde_json::json!({"rooms": ["vip"]}).as_object().unwrap().clone();
+        let token = auth.mint("u1", Some("Ann"), Duration::from_secs(600), &extra).unwrap();
+        let (fresh, expires_at_ms) = auth.refresh(&token).unwrap();
+        let user = auth.verify(&fresh).unwrap();
+        let claims: serde_json::Value = serde_json::from_str(user.claims.get()).unwrap();
+        assert_eq!((claims["sub"].as_str(), claims["name"].as_str()), (Some("u1"), Some("Ann")));
+        assert_eq!(claims["rooms"], serde_json::json!(["vip"]));
+        assert_eq!(user.expires_at_ms, expires_at_ms);
+        let lifetime = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
+        assert_eq!(lifetime, 600);
+        assert_eq!(auth.refresh("junk").unwrap_err(), AuthError::Malformed);
+        let key = EncodingKey::from_secret(b"s3cret");
+        let now = epoch_ms() / 1000;
+        let old = serde_json::json!({"sub": "u1", "iat": now, "exp": now + 60, "auth_time": now - 25 * 3600});
+        let old = encode(&Header::default(), &old, &key).unwrap();
+        assert_eq!(auth.refresh(&old).unwrap_err(), AuthError::SessionTooOld);
     }
 
     #[test]

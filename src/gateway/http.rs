@@ -41,6 +41,8 @@ pub fn router(state: AppState) -> Router {
         .route("/game", get(game))
         .route("/socket/websocket", get(websocket))
         .route("/api/rooms", get(rooms))
+        .route("/api/auth", get(auth_required))
+        .route("/api/token/refresh", axum::routing::post(refresh_token))
         .route("/healthz", get(healthz))
         .with_state(state)
 }
@@ -117,6 +119,33 @@ async fn websocket(
                 drop((pass, slot));
             })
         })
+}
+
+/// Whether sockets must present a token: the page asks before it connects.
+async fn auth_required(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({ "required": state.socket.auth.is_some() }))
+}
+
+/// A fresh token for a still-valid one (`Authorization: Bearer <token>`): what a page calls
+/// before its token runs out, so its next connection has one (phoenix.js `params` as a
+/// function). It only extends an identity the gateway already signed, and never past a day
+/// from the first sign-in.
+async fn refresh_token(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let Some(auth) = &state.socket.auth else {
+        return (StatusCode::NOT_FOUND, "this gateway has no tokens").into_response();
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    match auth.refresh(presented) {
+        Ok((token, expires_at)) => Json(json!({ "token": token, "expires_at": expires_at })).into_response(),
+        Err(why) => {
+            tracing::info!("refused a token refresh with {why}");
+            (StatusCode::UNAUTHORIZED, format!("refused: {why}")).into_response()
+        }
+    }
 }
 
 /// Only the v2 serializer is spoken. Like Phoenix, a client asking for another version is

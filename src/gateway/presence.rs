@@ -173,6 +173,44 @@ impl PresenceState {
         changed
     }
 
+    /// The topic's entries whose conn passes `filter`: `(conn, key, meta, phx_ref)`.
+    pub fn entries_where(
+        &self,
+        topic: &str,
+        filter: impl Fn(&str) -> bool,
+    ) -> Vec<(Arc<str>, String, Meta, String)> {
+        let Some(tracked) = self.topics.get(topic) else { return Vec::new() };
+        let entries = tracked.entries.iter().filter(|(conn, _)| filter(conn));
+        entries.map(|(conn, e)| (conn.clone(), e.key.clone(), e.meta.clone(), e.phx_ref.clone())).collect()
+    }
+
+    /// Drops every entry (of one topic, or all) whose conn passes `filter`: another node's,
+    /// when this node stops hearing about the topic or about that node. Returns the topics
+    /// that changed.
+    pub fn remove_where(
+        &mut self,
+        only: Option<&str>,
+        filter: impl Fn(&str) -> bool,
+    ) -> Vec<(String, Changed)> {
+        let mut changed = Vec::new();
+        for (topic, tracked) in &mut self.topics {
+            if only.is_some_and(|only| only != topic) {
+                continue;
+            }
+            let gone: Vec<Arc<str>> = tracked.entries.keys().filter(|conn| filter(conn)).cloned().collect();
+            if gone.is_empty() {
+                continue;
+            }
+            for conn in gone {
+                if let Some(old) = tracked.entries.remove(&conn) {
+                    tracked.pending.leave(old);
+                }
+            }
+            changed.push((topic.clone(), tracked.changed()));
+        }
+        changed
+    }
+
     /// How many joins the topic tracks.
     #[cfg(test)]
     fn entries(&self, topic: &str) -> usize {

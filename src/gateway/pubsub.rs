@@ -123,9 +123,30 @@ pub enum ClusterCommand {
     PublishPush { topic: String, conn: String, event: String, payload: Box<RawValue> },
     /// A BroadcastChannel post, for the runtimes with the channel open.
     PublishPost(ChannelMessage),
+    /// Presence news for the other nodes with the topic open.
+    PublishPresence { topic: String, op: PresenceOp },
     /// Answered once everything before it, subscriptions included, has reached NATS.
     Synced(oneshot::Sender<()>),
 }
+
+/// Presence between nodes. Each entry belongs to the node that holds its join: only that
+/// node changes it and tells the others, so no join is ever listed twice, and when a node
+/// goes quiet its entries go with it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum PresenceOp {
+    /// For the node that holds `conn`: track it (the room that asked runs elsewhere).
+    Track { conn: String, key: String, meta: Meta },
+    /// For the node that holds `conn`: untrack it.
+    Untrack { conn: String },
+    /// From the node that holds `conn`: its entry, for the other nodes' copies.
+    Joined { conn: String, key: String, meta: Meta, phx_ref: String },
+    /// From the node that holds `conn`: its entry is gone.
+    Left { conn: String },
+    /// A node opened the topic: each node sends its own entries again.
+    Sync,
+}
+
+type Meta = serde_json::Map<String, serde_json::Value>;
 
 #[derive(Default)]
 pub struct PubSub {
@@ -139,6 +160,8 @@ pub struct PubSub {
     next_presence_ref: AtomicU64,
     /// This PubSub, for the tasks that flush presence diffs a little later.
     me: std::sync::Weak<PubSub>,
+    /// In a cluster: when each other node (by conn prefix) was last heard of.
+    nodes_seen: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// Presence changes within this interval go out as one `presence_diff`.
@@ -155,7 +178,10 @@ impl PubSub {
     /// Joins this PubSub to a cluster: from now on it reports topics opened and closed and
     /// hands over what is published here. Topics already open are reported at once.
     pub fn attach_cluster(&self, node: &str, commands: mpsc::UnboundedSender<ClusterCommand>) {
-        let _ = self.conn_prefix.set(format!("{node}."));
+        // The boot time tells this run of the node from an earlier one of the same name, whose
+        // presence entries other nodes may still hold until they expire.
+        let boot = crate::util::epoch_ms();
+        let _ = self.conn_prefix.set(format!("{node}~{boot}."));
         let open: Vec<String> = self.topics.read_or_recover().keys().cloned().collect();
         for topic in open {
             let _ = commands.send(ClusterCommand::Open(topic));
@@ -265,30 +291,120 @@ impl PubSub {
     /// `Room.presence.track`: lists the join under `key` with `meta`. Only a join that is
     /// still here is tracked: checked under the presence lock, which a leave takes after the
     /// member is gone, so a track that loses the race to a leave cannot leave a ghost entry.
-    pub fn presence_track(
-        &self,
-        topic: &str,
-        conn: &str,
-        key: String,
-        meta: serde_json::Map<String, serde_json::Value>,
-    ) {
-        let changed = {
+    pub fn presence_track(&self, topic: &str, conn: &str, key: String, meta: Meta) {
+        if !self.is_local(conn) {
+            let op = PresenceOp::Track { conn: conn.to_owned(), key, meta };
+            self.tell_cluster(ClusterCommand::PublishPresence { topic: topic.to_owned(), op });
+            return;
+        }
+        let (changed, joined) = {
             let mut presence = self.presence.lock_or_recover();
             let Some(id) = self.local_subscription(conn) else { return };
             let Some(conn) = self.read(topic, |t| t.sockets.get(&id).map(|m| m.join.conn.clone())) else {
                 return;
             };
             let n = self.next_presence_ref.fetch_add(1, Ordering::Relaxed);
-            let prefix = self.conn_prefix.get().map(String::as_str).unwrap_or_default();
-            presence.track(topic, conn, key, meta, format!("{prefix}{n}"))
+            let phx_ref = format!("{}{n}", self.node_name());
+            let joined = PresenceOp::Joined {
+                conn: conn.to_string(),
+                key: key.clone(),
+                meta: meta.clone(),
+                phx_ref: phx_ref.clone(),
+            };
+            (presence.track(topic, conn, key, meta, phx_ref), joined)
         };
+        if changed != Changed::No {
+            self.tell_cluster(ClusterCommand::PublishPresence { topic: topic.to_owned(), op: joined });
+        }
         self.after_presence_change(topic, changed);
     }
 
     /// `Room.presence.untrack`, and every join that ends.
     pub fn presence_untrack(&self, topic: &str, conn: &str) {
+        if !self.is_local(conn) {
+            let op = PresenceOp::Untrack { conn: conn.to_owned() };
+            self.tell_cluster(ClusterCommand::PublishPresence { topic: topic.to_owned(), op });
+            return;
+        }
         let changed = self.presence.lock_or_recover().untrack(topic, conn);
+        if changed != Changed::No {
+            let op = PresenceOp::Left { conn: conn.to_owned() };
+            self.tell_cluster(ClusterCommand::PublishPresence { topic: topic.to_owned(), op });
+        }
         self.after_presence_change(topic, changed);
+    }
+
+    /// Presence news from another node about a topic this node has open.
+    pub fn presence_from_cluster(&self, topic: &str, op: PresenceOp) {
+        match op {
+            PresenceOp::Track { conn, key, meta } => {
+                if self.is_local(&conn) {
+                    self.presence_track(topic, &conn, key, meta);
+                }
+            }
+            PresenceOp::Untrack { conn } => {
+                if self.is_local(&conn) {
+                    self.presence_untrack(topic, &conn);
+                }
+            }
+            PresenceOp::Joined { conn, key, meta, phx_ref } if !self.is_local(&conn) => {
+                self.node_seen(node_of(&conn));
+                let changed = self.presence.lock_or_recover().track(topic, conn.into(), key, meta, phx_ref);
+                self.after_presence_change(topic, changed);
+            }
+            PresenceOp::Left { conn } if !self.is_local(&conn) => {
+                let changed = self.presence.lock_or_recover().untrack(topic, &conn);
+                self.after_presence_change(topic, changed);
+            }
+            PresenceOp::Joined { .. } | PresenceOp::Left { .. } => {}
+            PresenceOp::Sync => {
+                let own = self.presence.lock_or_recover().entries_where(topic, |conn| self.is_local(conn));
+                for (conn, key, meta, phx_ref) in own {
+                    let op = PresenceOp::Joined { conn: conn.to_string(), key, meta, phx_ref };
+                    self.tell_cluster(ClusterCommand::PublishPresence { topic: topic.to_owned(), op });
+                }
+            }
+        }
+    }
+
+    /// Another node (by its conn prefix) is alive.
+    pub fn node_seen(&self, node: &str) {
+        if !node.is_empty() && node != self.node_name() {
+            self.nodes_seen.lock_or_recover().insert(node.to_owned(), std::time::Instant::now());
+        }
+    }
+
+    /// This node's conn prefix in a cluster (empty outside one): how other nodes know it.
+    pub fn node_name(&self) -> &str {
+        self.conn_prefix.get().map(String::as_str).unwrap_or_default()
+    }
+
+    /// Drops the presence entries of nodes not heard of for `ttl`: a node that died takes its
+    /// entries with it.
+    pub fn expire_nodes(&self, ttl: Duration) {
+        let gone: Vec<String> = {
+            let mut seen = self.nodes_seen.lock_or_recover();
+            let gone =
+                seen.iter().filter(|(_, at)| at.elapsed() > ttl).map(|(node, _)| node.clone()).collect();
+            seen.retain(|_, at| at.elapsed() <= ttl);
+            gone
+        };
+        if gone.is_empty() {
+            return;
+        }
+        tracing::info!(nodes = ?gone, "dropping the presence of nodes not heard of for {ttl:?}");
+        let changed = self
+            .presence
+            .lock_or_recover()
+            .remove_where(None, |conn| gone.iter().any(|n| n == node_of(conn)));
+        for (topic, changed) in changed {
+            self.after_presence_change(&topic, changed);
+        }
+    }
+
+    /// Whether this node holds the join (always, outside a cluster).
+    fn is_local(&self, conn: &str) -> bool {
+        self.local_subscription(conn).is_some()
     }
 
     /// `Room.presence.list()`: `{key: {metas: [...]}}`.
@@ -483,22 +599,39 @@ impl PubSub {
             let entry = topics.entry(topic.to_owned()).or_default();
             if entry.is_empty() {
                 self.tell_cluster(ClusterCommand::Open(topic.to_owned()));
+                // Once subscribed, ask the other nodes who they have here.
+                let op = PresenceOp::Sync;
+                self.tell_cluster(ClusterCommand::PublishPresence { topic: topic.to_owned(), op });
             }
             f(entry);
         })
     }
 
     fn remove(&self, topic: &str, f: impl FnOnce(&mut Topic)) {
+        let mut closed = false;
         self.write(|topics| {
             if let Some(t) = topics.get_mut(topic) {
                 f(t);
                 if t.is_empty() {
                     topics.remove(topic);
                     self.tell_cluster(ClusterCommand::Close(topic.to_owned()));
+                    closed = true;
                 }
             }
-        })
+        });
+        // No longer hearing about the topic, this node's copy of other nodes' entries would
+        // go stale. (After the write lock: presence is locked before topics elsewhere.)
+        if closed && self.cluster.get().is_some() {
+            let mut presence = self.presence.lock_or_recover();
+            presence.remove_where(Some(topic), |conn| !self.is_local(conn));
+            let _ = presence.take_diff(topic);
+        }
     }
+}
+
+/// The node part of a conn id (`<node>~<boot>.`), by which its liveness is known.
+fn node_of(conn: &str) -> &str {
+    conn.rfind('.').map_or("", |dot| &conn[..=dot])
 }
 
 #[cfg(test)]

@@ -158,9 +158,13 @@ impl Drop for Gateway {
 
 /// Sends a GET and returns the open stream.
 fn send_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> TcpStream {
+    send_request(addr, "GET", path, headers)
+}
+
+fn send_request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> TcpStream {
     let mut stream = TcpStream::connect(addr).expect("connect");
     stream.set_read_timeout(Some(WAIT)).unwrap();
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -171,6 +175,16 @@ fn send_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> TcpStream
 
 fn status_of(response: &str) -> u16 {
     response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// A minimal HTTP/1.1 POST without a body; returns the status code and the body.
+pub fn http_post(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut with_close = headers.to_vec();
+    with_close.extend([("Connection", "close"), ("Content-Length", "0")]);
+    let mut response = String::new();
+    send_request(addr, "POST", path, &with_close).read_to_string(&mut response).unwrap();
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status_of(&response), body)
 }
 
 /// A minimal HTTP/1.1 GET; returns the status code and the body.

@@ -23,6 +23,8 @@ const POST: u8 = b'P';
 const FRAME_EXCEPT: u8 = b'E';
 /// An event for one join: the JSON array `[conn, event, payload]`.
 const PUSH: u8 = b'T';
+/// Presence news: a `PresenceOp` as JSON.
+const PRESENCE: u8 = b'Q';
 
 /// How long a `Synced` waits for NATS to confirm; a join must not hang on a lost connection.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -31,7 +33,9 @@ pub async fn run(
     client: async_nats::Client,
     pubsub: Arc<PubSub>,
     mut commands: mpsc::UnboundedReceiver<ClusterCommand>,
+    presence_ttl: Duration,
 ) {
+    let _liveness = tokio::spawn(liveness(client.clone(), pubsub.clone(), presence_ttl));
     let mut open: HashMap<String, JoinHandle<()>> = HashMap::new();
     while let Some(command) = commands.recv().await {
         match command {
@@ -65,6 +69,11 @@ pub async fn run(
             ClusterCommand::PublishPush { topic, conn, event, payload } => {
                 if let Ok(body) = serde_json::to_string(&(conn, event, payload)) {
                     publish(&client, &topic, PUSH, body.as_bytes()).await;
+                }
+            }
+            ClusterCommand::PublishPresence { topic, op } => {
+                if let Ok(body) = serde_json::to_vec(&op) {
+                    publish(&client, &topic, PRESENCE, &body).await;
                 }
             }
             ClusterCommand::PublishPost(message) => {
@@ -120,10 +129,44 @@ fn deliver(pubsub: &PubSub, topic: &str, payload: &Bytes) {
             }
             Err(e) => tracing::warn!(topic, "dropped a cluster push that does not parse: {e}"),
         },
+        PRESENCE => match serde_json::from_str(body) {
+            Ok(op) => pubsub.presence_from_cluster(topic, op),
+            Err(e) => tracing::warn!(topic, "dropped presence news that does not parse: {e}"),
+        },
         POST => {
             let message = ChannelMessage { channel: topic.into(), data: body.into() };
             pubsub.post_from_cluster(&message);
         }
         other => tracing::warn!(topic, "dropped a cluster message of unknown kind {other}"),
+    }
+}
+
+/// Each node says it is alive a few times per `ttl`, hears the others, and drops the
+/// presence entries of nodes it has not heard of for `ttl`: a node killed with `kill -9`
+/// takes its entries with it within that time.
+async fn liveness(client: async_nats::Client, pubsub: Arc<PubSub>, ttl: Duration) {
+    let mut heard = match client.subscribe(subjects::presence_alive()).await {
+        Ok(subscriber) => subscriber,
+        Err(e) => {
+            tracing::warn!("cannot hear other nodes' liveness: {e}");
+            return;
+        }
+    };
+    let listener = pubsub.clone();
+    let _hearing = tokio::spawn(async move {
+        while let Some(message) = heard.next().await {
+            if let Ok(node) = std::str::from_utf8(&message.payload) {
+                listener.node_seen(node);
+            }
+        }
+    });
+    let mut tick = tokio::time::interval(ttl / 3);
+    loop {
+        tick.tick().await;
+        let me = Bytes::copy_from_slice(pubsub.node_name().as_bytes());
+        if let Err(e) = client.publish(subjects::presence_alive(), me).await {
+            tracing::debug!("cannot say this node is alive: {e}");
+        }
+        pubsub.expire_nodes(ttl);
     }
 }

@@ -70,7 +70,7 @@ impl Cluster {
         let client = options.connect(url).await.map_err(|e| format!("cannot use NATS at {url}: {e}"))?;
         let (commands, received) = mpsc::unbounded_channel();
         pubsub.attach_cluster(node.as_str(), commands);
-        tokio::spawn(bridge::run(client.clone(), pubsub.clone(), received));
+        tokio::spawn(bridge::run(client.clone(), pubsub.clone(), received, lease));
         let inner =
             Inner { node, client, leases: Leases::new(lease), pubsub, remote_rooms: Mutex::default() };
         Ok(Cluster { inner: Arc::new(inner) })

@@ -11,6 +11,11 @@ pub fn node_calls(node: &str) -> String {
     format!("roomvisor.node.{}.call", escape(node))
 }
 
+/// Where nodes say they are alive, for presence (a node's entries go when it goes quiet).
+pub fn presence_alive() -> String {
+    "roomvisor.presence.alive".to_owned()
+}
+
 /// Keeps `[A-Za-z0-9_:-]`, writes every other byte as `%XX`; never empty.
 fn escape(name: &str) -> String {
     if name.is_empty() {
