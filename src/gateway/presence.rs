@@ -84,7 +84,7 @@ pub enum Changed {
 
 impl PresenceState {
     /// Tracks (or updates) a join under `key`. Tracking the same key and meta again changes
-    /// nothing, so a replayed join that tracks itself as before causes no diff.
+    /// nothing, and neither does a replayed join tracked under its old key.
     pub fn track(
         &mut self,
         topic: &str,
@@ -94,11 +94,12 @@ impl PresenceState {
         phx_ref: String,
     ) -> Changed {
         let tracked = self.topics.entry(topic.to_owned()).or_default();
-        if let Some(stale) = &mut tracked.stale {
-            stale.remove(&conn);
-        }
+        let replayed = tracked.stale.as_mut().is_some_and(|stale| stale.remove(&conn));
         if let Some(old) = tracked.entries.get(&conn) {
-            if old.key == key && old.meta == meta {
+            // A replayed join tracked under its key again keeps the entry it had: the new
+            // runtime cannot know the old meta (the chat's online_at), and a crash should not
+            // look to everyone like a room-wide leave and rejoin.
+            if old.key == key && (replayed || old.meta == meta) {
                 return Changed::No;
             }
         }
@@ -311,7 +312,8 @@ mod tests {
         p.track("t", "c2".into(), "bob".into(), meta("Bob"), "2".into());
         p.take_diff("t");
         p.begin_replay("t", ["c1".into(), "c2".into()]);
-        assert_eq!(p.track("t", "c1".into(), "ann".into(), meta("Ann"), "9".into()), Changed::No);
+        let later = json!({ "name": "Ann", "online_at": 2 }).as_object().cloned().unwrap();
+        assert_eq!(p.track("t", "c1".into(), "ann".into(), later, "9".into()), Changed::No, "same key: kept");
         p.end_replay("t");
         assert_eq!(p.entries("t"), 1);
         let diff = p.take_diff("t").unwrap();
