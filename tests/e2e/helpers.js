@@ -1,9 +1,9 @@
 "use strict";
-// Shared helpers for the end-to-end suites: start and stop the real `gateway` binary, read
-// /api/rooms, and wait for things with bounded timeouts. Nothing here may hang: every wait has
-// a deadline and fails with a message that says what it was waiting for.
+// Shared helpers for the end-to-end suites: start and stop the real `gateway` binary, mint its
+// tokens, read /api/rooms, and wait for things with bounded timeouts. Nothing here may hang:
+// every wait has a deadline and fails with a message that says what it was waiting for.
 
-const { spawn } = require("node:child_process");
+const { execFileSync, spawn } = require("node:child_process");
 const fs = require("node:fs");
 const path = require("node:path");
 const readline = require("node:readline");
@@ -145,6 +145,31 @@ function startOnce(port, args, env, timeout) {
   });
 }
 
+/**
+ * A token signed with `secret`, minted the way the README shows it: `gateway token --sub ...`.
+ * `ttl` is the gateway's duration syntax ("4s", "1h").
+ */
+function mintToken({ sub, name, ttl = "1h", secret }) {
+  const args = ["token", "--sub", sub, "--ttl", ttl];
+  if (name !== undefined) args.push("--name", name);
+  const out = execFileSync(GATEWAY, args, {
+    env: { ...process.env, ROOMVISOR_AUTH_SECRET: secret },
+    encoding: "utf8",
+    timeout: 10000,
+  });
+  return out.trim();
+}
+
+/** A JWT's claims, unverified: what the client may read of its own token (exp, name). */
+function tokenClaims(token) {
+  return JSON.parse(Buffer.from(token.split(".")[1], "base64url").toString("utf8"));
+}
+
+/** Whether the gateway logged a line matching `pattern` (stderr, kept in gw.log). */
+function logged(gw, pattern) {
+  return gw.log.some((line) => pattern.test(line));
+}
+
 /** SIGTERM, then SIGKILL if it has not exited in time. Resolves with its exit status. */
 async function stopGateway(gw, { timeout = STOP_TIMEOUT_MS } = {}) {
   if (gw.exited) return gw.exited;
@@ -215,11 +240,14 @@ module.exports = {
   fetchRooms,
   getJson,
   killWorker,
+  logged,
+  mintToken,
   pidAlive,
   roomInfo,
   sleep,
   startGateway,
   stopGateway,
+  tokenClaims,
   uniqueRoom,
   waitFor,
   withLogs,

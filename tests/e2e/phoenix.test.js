@@ -47,6 +47,8 @@
 //   phx_error    channel errored, rejoins (the gateway never sends it: a dead room worker is
 //                a room_reset, the channel stays joined)                           -> not sent
 //   other events channel.on(event): new_message, room_reset                         -> tested
+//                presence_state / presence_diff, through phoenix.js's own Presence class
+//                (onSync, onJoin, onLeave, list with a chooser)                    -> tested
 //                and, on a kind made of hooks (fixtures/counter-room.js), pushes answered by
 //                onEvent / Room.refuse, Room.broadcast and a Room.push with the join_ref -> tested
 //                a frame whose join_ref is not the channel's current one is dropped (isMember)
@@ -58,9 +60,10 @@
 const { describe, test, before, after, afterEach } = require("node:test");
 const assert = require("node:assert/strict");
 const WebSocket = require("ws");
-const { Socket } = require("phoenix");
+const { Presence, Socket } = require("phoenix");
 const {
-  deferred, killWorker, roomInfo, sleep, startGateway, uniqueRoom, waitFor, withLogs, withTimeout,
+  deferred, killWorker, logged, mintToken, roomInfo, sleep, startGateway, tokenClaims, uniqueRoom, waitFor, withLogs,
+  withTimeout,
 } = require("./helpers");
 
 // ---------------------------------------------------------------------------------------------
@@ -765,4 +768,220 @@ describe("phoenix.js against a room kind made of hooks (--room counter=fixtures/
     // A is still joined and talks to the new runtime.
     assert.deepEqual(await reply(chA.push("add", { by: 1 })), { status: "ok", response: { count: 1 } });
   });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Presence: phoenix.js's Presence class, unchanged, on the chat's presence_state/presence_diff.
+
+/** A channel of `socket` joined as `name`, with a phoenix.js Presence on it and its callbacks' log. */
+async function present(socket, topic, name) {
+  const channel = socket.channel(topic, { name });
+  const presence = new Presence(channel);
+  const seen = { syncs: 0, joins: [], leaves: [] };
+  presence.onSync(() => { seen.syncs++; });
+  presence.onJoin((key, current, joined) => seen.joins.push({ key, had: current ? current.metas.length : 0, new: joined.metas.length }));
+  presence.onLeave((key, current, left) => seen.leaves.push({ key, left: left.metas.length, remain: current.metas.length }));
+  await joinOk(channel);
+  return { channel, presence, seen };
+}
+
+/** "key:metas" for each key, sorted: the shape of a presence list at a glance. */
+const summary = (presence) => presence.list((key, { metas }) => `${key}:${metas.length}`).sort();
+
+async function waitList(presence, expected, who) {
+  await waitFor(() => JSON.stringify(summary(presence)) === JSON.stringify(expected), {
+    what: `${who}'s presence list to be ${JSON.stringify(expected)}`,
+  }).catch((e) => {
+    e.message += ` (it is ${JSON.stringify(summary(presence))})`;
+    throw e;
+  });
+}
+
+describe("phoenix.js Presence against the chat room (join payload {name})", () => {
+  let gw;
+  before(async () => { gw = await startGateway(); });
+  afterEach(() => disconnectAll());
+  after(async () => { disconnectAll(); if (gw) await gw.stop(); });
+  const t = (name, fn) => test(name, { timeout: 30000 }, withLogs(() => gw, fn));
+
+  t("two users; a second tab of one is a second meta under its key; a leave removes that meta; a closed or killed socket removes its user", async () => {
+    const topic = `room:${uniqueRoom("presence")}`;
+    const [a, b] = await Promise.all([connect(gw), connect(gw)]);
+    const ann = await present(a, topic, "ann");
+    const bob = await present(b, topic, "bob");
+    await waitList(ann.presence, ["ann:1", "bob:1"], "ann");
+    await waitList(bob.presence, ["ann:1", "bob:1"], "bob");
+    assert.ok(ann.seen.syncs >= 2 && bob.seen.syncs >= 1, `onSync ran (ann ${ann.seen.syncs}, bob ${bob.seen.syncs})`);
+    // The meta is the chat's {name, online_at} with the gateway's phx_ref.
+    const [annMeta] = bob.presence.list((key, { metas }) => key === "ann" && metas).filter(Boolean)[0];
+    assert.deepEqual(Object.keys(annMeta).sort(), ["name", "online_at", "phx_ref"]);
+    assert.equal(annMeta.name, "ann");
+    assert.equal(typeof annMeta.phx_ref, "string");
+    assert.ok(Math.abs(annMeta.online_at - Date.now()) < 60000, `online_at ${annMeta.online_at}`);
+    // Ann's own diff may reach her after the state that already lists her: deduplicated by
+    // phx_ref, so she is there once.
+    await sleep(200);
+    assert.deepEqual(summary(ann.presence), ["ann:1", "bob:1"]);
+
+    // A second tab of ann: one key, two metas, told apart by phx_ref.
+    const a2 = await connect(gw);
+    const ann2 = await present(a2, topic, "ann");
+    await waitList(bob.presence, ["ann:2", "bob:1"], "bob");
+    await waitList(ann.presence, ["ann:2", "bob:1"], "ann");
+    await waitList(ann2.presence, ["ann:2", "bob:1"], "ann's second tab");
+    const people = bob.presence.list((key, { metas: [first, ...rest] }) => ({ key, name: first.name, tabs: rest.length + 1 }));
+    assert.deepEqual(people.sort((x, y) => x.key.localeCompare(y.key)),
+      [{ key: "ann", name: "ann", tabs: 2 }, { key: "bob", name: "bob", tabs: 1 }]);
+    const refs = bob.presence.list((key, { metas }) => key === "ann" && metas.map((m) => m.phx_ref)).filter(Boolean)[0];
+    assert.equal(new Set(refs).size, 2, `two phx_refs under ann: ${refs}`);
+    assert.ok(bob.seen.joins.some((j) => j.key === "ann" && j.had === 1), "onJoin: ann was already there (a new device)");
+
+    // The second tab leaves: its meta goes, the first stays.
+    await reply(ann2.channel.leave(), "the leave reply");
+    await waitList(bob.presence, ["ann:1", "bob:1"], "bob");
+    const left = bob.presence.list((key, { metas }) => key === "ann" && metas.map((m) => m.phx_ref)).filter(Boolean)[0];
+    assert.deepEqual(left, [annMeta.phx_ref], "the meta left is the first tab's");
+    assert.ok(bob.seen.leaves.some((l) => l.key === "ann" && l.remain === 1), "onLeave: ann is still there");
+
+    // A socket closed by its client: its user leaves.
+    b.disconnect();
+    await waitList(ann.presence, ["ann:1"], "ann");
+
+    // A socket killed under the client (no close frame; the client does not reconnect in time).
+    const c = await connect(gw, { reconnectAfterMs: () => 60000 });
+    const carol = await present(c, topic, "carol");
+    await waitList(ann.presence, ["ann:1", "carol:1"], "ann");
+    await waitList(carol.presence, ["ann:1", "carol:1"], "carol");
+    c.conn.terminate();
+    await waitList(ann.presence, ["ann:1"], "ann");
+
+    // A newcomer's presence_state agrees with what the diffs built.
+    const d = await connect(gw);
+    const dave = await present(d, topic, "dave");
+    await waitList(dave.presence, ["ann:1", "dave:1"], "dave");
+    await waitList(ann.presence, ["ann:1", "dave:1"], "ann");
+  });
+
+  t("a join with no name is listed as \"anonymous\"; after a worker crash the list is kept (no new presence_state) and matches the server's", async () => {
+    const id = uniqueRoom("presence-reset");
+    const topic = `room:${id}`;
+    const [a, b] = await Promise.all([connect(gw), connect(gw)]);
+    const ann = await present(a, topic, "ann");
+    const nobody = await present(b, topic, undefined);
+    await waitList(ann.presence, ["ann:1", "anonymous:1"], "ann");
+    const states = received(a, (f) => f[3] === "presence_state").length;
+
+    await killWorker(gw, id);
+    await waitFor(() => received(a, (f) => f[3] === "room_reset").length === 1, { timeout: 8000, what: "room_reset" });
+    // The replay tracks both again. The chat's meta has a fresh online_at, so the gateway sends
+    // a diff that swaps each meta for a new one (new phx_ref); a script tracking the same meta
+    // would cause none. Either way the list must end as the server's: a newcomer's
+    // presence_state is that.
+    const refs = (presence) => presence.list((key, { metas }) => `${key}=${metas.map((m) => m.phx_ref)}`).sort();
+    const c = await connect(gw);
+    const carol = await present(c, topic, "carol");
+    await waitList(carol.presence, ["ann:1", "anonymous:1", "carol:1"], "carol");
+    await waitList(ann.presence, ["ann:1", "anonymous:1", "carol:1"], "ann");
+    await waitList(nobody.presence, ["ann:1", "anonymous:1", "carol:1"], "the anonymous one");
+    await sleep(200); // any diff still in flight
+    assert.deepEqual(refs(ann.presence), refs(carol.presence), "ann's list, kept over the reset, is the server's");
+    assert.deepEqual(refs(nobody.presence), refs(carol.presence));
+    assert.equal(received(a, (f) => f[3] === "presence_state").length, states, "no new presence_state on a reset");
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Tokens: phoenix.js's authToken and params against a gateway with --auth-secret.
+
+describe("phoenix.js against a gateway that wants tokens (--auth-secret)", () => {
+  const SECRET = "e2e-phoenix-secret-of-some-length";
+  let gw;
+  before(async () => { gw = await startGateway({ args: ["--auth-secret", SECRET] }); });
+  afterEach(() => disconnectAll());
+  after(async () => { disconnectAll(); if (gw) await gw.stop(); });
+  const t = (name, fn, opts = {}) => test(name, { timeout: 30000, ...opts }, withLogs(() => gw, fn));
+
+  /** How the upgrade of a socket URL is answered: "open", or the HTTP status it was refused with. */
+  function upgrade(url, protocols) {
+    return withTimeout(new Promise((resolve) => {
+      const ws = new WebSocket(url, protocols);
+      ws.on("open", () => { ws.terminate(); resolve("open"); });
+      ws.on("unexpected-response", (_req, res) => { resolve(res.statusCode); res.destroy(); });
+      ws.on("error", () => {});
+    }), 5000, `the upgrade of ${url}`);
+  }
+
+  t("new Socket(url, {authToken}) opens and joins as the token's user; without a token (or with a forged one) it cannot connect", async () => {
+    const token = mintToken({ sub: "u-ann", name: "Ann", secret: SECRET });
+    const topic = `room:${uniqueRoom("tokens")}`;
+    const a = await connect(gw, { authToken: token });
+    assert.equal(a.conn.protocol, "phoenix");
+    assert.ok(!a.log.connections[0].url.includes("token="), "the token went in the subprotocol, not the URL");
+    // The join's name is ignored for a verified user: presence is keyed by sub, named by the token.
+    const ann = await present(a, topic, "mallory");
+    await waitList(ann.presence, ["u-ann:1"], "ann");
+    assert.deepEqual(ann.presence.list((key, { metas }) => metas[0].name), ["Ann"]);
+    const { status, response } = await reply(ann.channel.push("send_message", { sender: "mallory", text: "hi" }));
+    assert.equal(status, "ok");
+    assert.equal(response.sender, "Ann", "the sender is the token's name, not the payload's");
+
+    // No token: refused at the upgrade (403). phoenix.js sees a failed connection, never an open.
+    assert.equal(await upgrade(`${gw.socketUrl}/websocket?vsn=2.0.0`), 403);
+    assert.equal(await upgrade(`${gw.socketUrl}/websocket?vsn=2.0.0`, ["phoenix", "base64url.bearer.phx.bm90LWEtdG9rZW4"]), 403,
+      "a forged authToken");
+    for (const opts of [{}, { authToken: "not-a-token" }]) {
+      const log = { connections: [], sent: [], received: [], closes: [] };
+      const s = new Socket(gw.socketUrl, { transport: recordingTransport(log), reconnectAfterMs: () => 60000, ...opts });
+      openSockets.add(s);
+      const errored = deferred();
+      let opened = false;
+      s.onOpen(() => { opened = true; });
+      s.onError(() => errored.resolve());
+      s.connect();
+      await withTimeout(errored.promise, 5000, `the connection error (${JSON.stringify(opts)})`);
+      await sleep(100);
+      assert.equal(opened, false);
+      assert.equal(s.isConnected(), false);
+      assert.equal(log.sent.length, 0);
+    }
+  });
+
+  t("params as a function: after the gateway closes the socket at exp (4001), phoenix.js reconnects with the token refreshed meanwhile, and rejoins", async () => {
+    let current = mintToken({ sub: "u-bob", name: "Bob", ttl: "4s", secret: SECRET });
+    const { iat, exp: expSecs } = tokenClaims(current);
+    const exp = expSecs * 1000;
+    const topic = `room:${uniqueRoom("refresh")}`;
+    const b = await connect(gw, { params: () => ({ token: current }), reconnectAfterMs: () => 50 });
+    const ch = b.channel(topic, {});
+    const joins = [];
+    ch.join().receive("ok", () => joins.push(Date.now()));
+    await waitFor(() => joins.length === 1, { what: "the first join" });
+
+    // What the page does at ~80% of the lifetime: POST /api/token/refresh with the token. (A
+    // refresh gives the old lifetime from now, so one made at once would run out with the old.)
+    await sleep(iat * 1000 + 0.8 * (exp - iat * 1000) - Date.now());
+    const res = await withTimeout(fetch(`${gw.baseUrl}/api/token/refresh`, {
+      method: "POST", headers: { Authorization: `Bearer ${current}` },
+    }), 5000, "the refresh");
+    assert.equal(res.status, 200);
+    const refreshed = await res.json();
+    assert.equal(typeof refreshed.token, "string");
+    assert.equal(tokenClaims(refreshed.token).sub, "u-bob");
+    assert.equal(refreshed.expires_at, tokenClaims(refreshed.token).exp * 1000);
+    assert.ok(refreshed.expires_at > exp, "the new token outlives the old one");
+    current = refreshed.token;
+
+    await waitFor(() => b.log.closes.length >= 1, { timeout: exp - Date.now() + 5000, what: "the close at exp" });
+    assert.deepEqual(b.log.closes[0], { conn: 0, code: 4001, reason: "token expired" });
+    await waitFor(() => joins.length === 2 && ch.isJoined(), { timeout: 5000, what: "the rejoin on the new socket" });
+    assert.equal(new URL(b.log.connections[1].url).searchParams.get("token"), current, "the reconnect presented the new token");
+    assert.ok(logged(gw, /closing a socket whose token expired/));
+    const { status, response } = await reply(ch.push("send_message", { text: "after the first exp" }));
+    assert.equal(status, "ok");
+    assert.equal(response.sender, "Bob");
+
+    // A token that is no good is not refreshed.
+    const bad = await fetch(`${gw.baseUrl}/api/token/refresh`, { method: "POST", headers: { Authorization: "Bearer not-a-token" } });
+    assert.equal(bad.status, 401);
+  }, { timeout: 30000 });
 });
