@@ -198,3 +198,23 @@ async fn verified_users_are_tracked_under_their_sub() {
     assert_eq!(keys(&state[4]), [("u-1".into(), 1)]);
     assert_eq!(state[4]["u-1"]["metas"][0]["name"], "Ann");
 }
+
+#[tokio::test]
+async fn a_chat_crash_is_invisible_in_presence() {
+    // The chat stamps online_at when it tracks a join; the replay after a crash must not turn
+    // that into a room-wide leave and rejoin.
+    let gateway = Gateway::start(&[]);
+    let mut ann = presence_client(&gateway).await;
+    let (_, _) = ann.join_with("room:steady", json!({"name": "ann"})).await;
+    let state = ann.next_event("presence_state").await;
+    // Her own arrival, which the room hears as a diff too.
+    ann.recv_until(|f| f[3] == "presence_diff" && f[4]["joins"].get("ann").is_some()).await;
+    kill9(gateway.wait_room_pid("steady"));
+    let reset = ann.next_event("room_reset").await;
+    assert!(reset[4]["response"].is_object(), "{reset}");
+    ann.assert_no_event("presence_diff", Duration::from_millis(400)).await;
+    let mut bob = presence_client(&gateway).await;
+    bob.join_with("room:steady", json!({"name": "bob"})).await;
+    let listed = bob.next_event("presence_state").await;
+    assert_eq!(listed[4]["ann"], state[4]["ann"], "ann's entry, online_at and phx_ref, unchanged");
+}
