@@ -108,7 +108,9 @@ function newRound() {
 // ---- hooks ----
 
 function onJoin(conn, params) {
-  conn.assigns.name = cleanName(params && params.name);
+  // A verified user plays under the token's name; an anonymous one under the name it gives.
+  const claimed = conn.user ? conn.user.name || conn.user.sub : params && params.name;
+  conn.assigns.name = cleanName(claimed);
   members.set(conn.id, conn.assigns.name);
   const seat = params && params.spectate ? null : takeSeat(conn);
   // The joiner gets the state in its join reply; everyone else hears about it now.

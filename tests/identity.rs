@@ -90,6 +90,9 @@ async fn the_chat_takes_the_sender_from_the_token_and_rooms_admit_by_claims() {
     assert_eq!(reply["response"]["sender"], "Ann", "the token's name, not the payload's: {reply}");
     let reply = bob.send_message(&bob_ref, "room:vip", "Ann", "me too").await;
     assert_eq!(reply["response"]["sender"], "u-bob", "no name: the sub");
+    // The game seats a verified player under the token's name too.
+    let (_, seated) = ann.join_with("game:duel", json!({"name": "mallory"})).await;
+    assert_eq!(seated["response"]["seats"]["X"]["name"], "Ann", "{seated}");
 }
 
 #[tokio::test]
