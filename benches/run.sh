@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Runs every loadgen scenario against roomvisor, the limit server and the Socket.IO peer, one
 # server after another for each scenario (so a drift in the machine's load hits all three
-# alike), each freshly started, and writes BENCHMARKS.md from the results.
+# alike), each freshly started, and writes BENCHMARKS.md from the results. presence-wave (a
+# wave of 1,000 joins into one room, counting the Presence frames it costs) runs against
+# roomvisor only: the limit and the peer have no Presence.
 #
 #   benches/run.sh                          # everything, one round (about 12 minutes)
 #   ROUNDS=3 benches/run.sh                 # the report takes the median of the rounds
 #   SCENARIOS="fanout" SERVERS="roomvisor limit" SECONDS_PER_PHASE=5 benches/run.sh
+#   SCENARIOS=presence-wave SERVERS=roomvisor ROUNDS=3 REPORT=target/presence.md benches/run.sh
 #
 # Needs only what the repository's CI installs: cargo, Node.js and npm (the peer's packages
 # are installed here from its lock file), and for "cluster" (three gateways over NATS, fanout
@@ -14,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS=${ROUNDS:-1}
-SCENARIOS=${SCENARIOS:-"cold-start fanout many-rooms idle rooms-memory"}
+SCENARIOS=${SCENARIOS:-"cold-start fanout many-rooms idle rooms-memory presence-wave"}
 SERVERS=${SERVERS:-"roomvisor cluster limit peer"}
 SECONDS_PER_PHASE=${SECONDS_PER_PHASE:-10}
 REPORT=${REPORT:-BENCHMARKS.md}
@@ -132,6 +135,10 @@ for round in $(seq "$ROUNDS"); do
     for server in $SERVERS; do
       if [ "$server" = cluster ]; then
         case "$scenario" in fanout|many-rooms) ;; *) continue ;; esac
+      fi
+      # The limit and the peer have no Presence; presence-wave measures one gateway.
+      if [ "$scenario" = presence-wave ] && [ "$server" != roomvisor ]; then
+        continue
       fi
       echo "== round $round: $scenario against $server"
       start_server "$server" "$round-$scenario-$server"

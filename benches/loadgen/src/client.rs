@@ -12,7 +12,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::protocol::{Incoming, Protocol, Stamp};
+use crate::presence::{View, Wave, WaveClient};
+use crate::protocol::{presence_event, Incoming, PresenceEvent, Protocol, Stamp};
 use crate::traffic::{Mode, Traffic};
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -183,5 +184,111 @@ impl Client {
             }
         }
         let _ = self.ws.close(None).await;
+    }
+
+    /// Takes part in a presence wave until it stops: waits for the gate, joins `room` with
+    /// `params`, and keeps every `presence_state` and `presence_diff` it receives, from the
+    /// join sent until the wave stops; then builds its presence view from them.
+    pub async fn presence_wave(
+        mut self,
+        room: String,
+        params: serde_json::Value,
+        wave: Arc<Wave>,
+    ) -> WaveClient {
+        let stop = wave.stopped();
+        let mut seen = WaveClient {
+            join: None,
+            state_frames: 0,
+            diff_frames: 0,
+            state_bytes: 0,
+            diff_bytes: 0,
+            view: Ok(View::default()),
+        };
+        let mut frames = Vec::new();
+        // Held from the join sent to its answer: it bounds the joins in flight.
+        let mut permit = tokio::select! {
+            permit = wave.gate.acquire() => permit.ok(),
+            () = stop.cancelled() => None,
+        };
+        if permit.is_none() {
+            return seen;
+        }
+        let join_ref = self.take_ref();
+        let join = self.protocol.join_with(&room, join_ref, &params);
+        wave.join_sent();
+        let sent_at = Instant::now();
+        if let Err(e) = self.ws.send(Message::text(join)).await {
+            seen.join = Some(Err(format!("join not sent: {e}")));
+            wave.answered();
+            return seen;
+        }
+        let reply_deadline = tokio::time::sleep(SETUP_TIMEOUT);
+        tokio::pin!(reply_deadline);
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + HEARTBEAT_EVERY, HEARTBEAT_EVERY);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                message = self.ws.next() => {
+                    let text = match message {
+                        Some(Ok(Message::Text(text))) => text,
+                        Some(Ok(_)) => continue,
+                        Some(Err(_)) | None => return seen.disconnected(&wave),
+                    };
+                    if let Some(event) = presence_event(&text) {
+                        wave.presence_seen();
+                        let bytes = text.len() as u64;
+                        match event {
+                            PresenceEvent::State => {
+                                seen.state_frames += 1;
+                                seen.state_bytes += bytes;
+                            }
+                            PresenceEvent::Diff => {
+                                seen.diff_frames += 1;
+                                seen.diff_bytes += bytes;
+                            }
+                        }
+                        frames.push(text);
+                    } else if let Incoming::Reply { msg_ref, outcome } = self.protocol.classify(&text) {
+                        if msg_ref == join_ref && seen.join.is_none() {
+                            seen.join = Some(outcome.map(|()| sent_at.elapsed()));
+                            wave.answered();
+                            permit = None;
+                        }
+                    }
+                }
+                () = &mut reply_deadline, if seen.join.is_none() => {
+                    seen.join = Some(Err("no join reply in time".to_owned()));
+                    wave.answered();
+                    permit = None;
+                }
+                _ = heartbeat.tick() => {
+                    let msg_ref = self.take_ref();
+                    if let Some(frame) = self.protocol.heartbeat(msg_ref) {
+                        if self.ws.send(Message::text(frame)).await.is_err() {
+                            return seen.disconnected(&wave);
+                        }
+                    }
+                }
+            }
+        }
+        drop(permit);
+        let _ = self.ws.close(None).await;
+        let mut view = View::default();
+        seen.view = frames.iter().try_for_each(|frame| view.apply(frame)).map(|()| view);
+        seen
+    }
+}
+
+impl WaveClient {
+    /// The connection ended during the wave: its join, if unanswered, is given up on.
+    fn disconnected(mut self, wave: &Wave) -> WaveClient {
+        if self.join.is_none() {
+            self.join = Some(Err("disconnected before the join's reply".to_owned()));
+            wave.answered();
+        }
+        self.view = Err("disconnected during the wave".to_owned());
+        self
     }
 }

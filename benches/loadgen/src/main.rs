@@ -6,6 +6,7 @@
 //!     loadgen report --out BENCHMARKS.md results/*.json
 
 mod client;
+mod presence;
 mod procmem;
 mod protocol;
 mod report;

@@ -81,10 +81,16 @@ impl Protocol {
     }
 
     pub fn join(&self, room: &str, msg_ref: u64) -> String {
+        self.join_with(room, msg_ref, &json!({}))
+    }
+
+    /// A join with a payload (Phoenix's join params, e.g. the chat's `{"name": …}`); Socket.IO's
+    /// `join` event has no params, so there it is the plain join.
+    pub fn join_with(&self, room: &str, msg_ref: u64, params: &Value) -> String {
         match self {
             Protocol::Phoenix => {
                 let r = msg_ref.to_string();
-                json!([r, r, topic(room), "phx_join", {}]).to_string()
+                json!([r, r, topic(room), "phx_join", params]).to_string()
             }
             Protocol::SocketIo => format!("42{msg_ref}{}", json!(["join", room])),
         }
@@ -165,6 +171,26 @@ fn classify_phoenix(frame: &str) -> Incoming {
     Incoming::Reply { msg_ref, outcome: outcome(&payload["status"], &payload["response"]["reason"]) }
 }
 
+/// A Phoenix Presence push: the joiner's `presence_state` or a room's `presence_diff`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceEvent {
+    State,
+    Diff,
+}
+
+/// Recognises a Presence push without parsing it: the event is the last field before the
+/// payload object (`[join_ref,null,"room:…","presence_diff",{…}]`).
+pub fn presence_event(frame: &str) -> Option<PresenceEvent> {
+    let head = &frame[..frame.find('{')?];
+    if head.ends_with(r#","presence_diff","#) {
+        Some(PresenceEvent::Diff)
+    } else if head.ends_with(r#","presence_state","#) {
+        Some(PresenceEvent::State)
+    } else {
+        None
+    }
+}
+
 fn classify_socketio(frame: &str) -> Incoming {
     if frame == "2" {
         return Incoming::Ping;
@@ -224,9 +250,27 @@ mod tests {
     }
 
     #[test]
+    fn presence_pushes_are_told_apart_from_the_rest() {
+        let state = r#"["1",null,"room:a","presence_state",{"u1":{"metas":[{"phx_ref":"1"}]}}]"#;
+        assert_eq!(presence_event(state), Some(PresenceEvent::State));
+        let diff = r#"[null,null,"room:a","presence_diff",{"joins":{},"leaves":{}}]"#;
+        assert_eq!(presence_event(diff), Some(PresenceEvent::Diff));
+        let reply = r#"["1","1","room:a","phx_reply",{"status":"ok","response":{"messages":[]}}]"#;
+        assert_eq!(presence_event(reply), None);
+        // A chat line that mentions the event is not one.
+        let message = r#"[null,null,"room:a","new_message",{"text":",\"presence_diff\","}]"#;
+        assert_eq!(presence_event(message), None);
+        assert_eq!(presence_event("[]"), None);
+    }
+
+    #[test]
     fn frames_match_what_the_servers_expect() {
         assert_eq!(Protocol::Phoenix.join("a", 3), r#"["3","3","room:a","phx_join",{}]"#);
         assert_eq!(Protocol::SocketIo.join("a", 3), r#"423["join","a"]"#);
+        assert_eq!(
+            Protocol::Phoenix.join_with("a", 4, &json!({"name": "u7"})),
+            r#"["4","4","room:a","phx_join",{"name":"u7"}]"#
+        );
         assert_eq!(
             Protocol::Phoenix.websocket_url("http://127.0.0.1:4000/"),
             "ws://127.0.0.1:4000/socket/websocket?vsn=2.0.0"

@@ -14,12 +14,17 @@ const SERVERS: [(&str, &str); 4] =
     [("roomvisor", "roomvisor"), ("cluster", "roomvisor ×3 over NATS"), ("limit", "limit"), ("peer", "peer")];
 /// The ratios shown, where both sides ran.
 const RATIOS: [(&str, &str); 3] = [("roomvisor", "limit"), ("roomvisor", "peer"), ("cluster", "roomvisor")];
-const SCENARIOS: [(&str, &str); 5] = [
+const SCENARIOS: [(&str, &str); 6] = [
     ("cold-start", "new rooms joined one after another, then concurrently"),
     ("fanout", "one room, one sender, every other socket a subscriber"),
     ("many-rooms", "rooms of two clients, all sending"),
     ("idle", "idle sockets, joined to a few rooms"),
     ("rooms-memory", "live rooms with nobody in them"),
+    (
+        "presence-wave",
+        "a wave of joins into one room and the Presence frames it costs, diffs batched every 50 ms \
+         (roomvisor only: the limit and the peer have no Presence)",
+    ),
 ];
 
 /// metric name → one value per round.

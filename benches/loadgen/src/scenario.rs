@@ -8,7 +8,9 @@ use futures_util::stream::{self, StreamExt};
 use tokio::time::Instant;
 
 use crate::client::{Client, Error};
+use crate::presence::{unbatched_frames, Wave};
 use crate::procmem::Snapshot;
+use crate::protocol::Protocol;
 use crate::stats::{Better, Latencies, Metrics};
 use crate::traffic::{Counts, Mode, Traffic};
 use crate::Target;
@@ -26,6 +28,10 @@ pub enum Scenario {
     Idle,
     /// 2,000 live idle rooms: memory per room.
     RoomsMemory,
+    /// 1,000 clients join one fresh room, 64 joins in flight: what Presence sends them
+    /// (`presence_state`, batched `presence_diff`). roomvisor only: the others have no Presence.
+    /// (The wave's time includes starting the room, which its first join does.)
+    PresenceWave,
 }
 
 /// The size of a run; each scenario reads the fields it needs. `scaled` shrinks a preset for
@@ -48,6 +54,9 @@ impl Scenario {
             Scenario::ManyRooms => Shape { window: 1, ..shape(2_000, 1_000) },
             Scenario::Idle => shape(10_000, 100),
             Scenario::RoomsMemory => shape(0, 2_000),
+            // As many joins in flight as `join_all` keeps: all 1,000 at once would overflow
+            // the room's call queue (256 waiting by default) and be refused as `room busy`.
+            Scenario::PresenceWave => Shape { concurrency: CONNECT_CONCURRENCY, ..shape(1_000, 1) },
         }
     }
 
@@ -59,6 +68,7 @@ impl Scenario {
             Scenario::ManyRooms => traffic(target, shape, &run_id).await,
             Scenario::Idle => idle(target, shape, &run_id).await,
             Scenario::RoomsMemory => rooms_memory(target, shape, &run_id).await,
+            Scenario::PresenceWave => presence_wave(target, shape, &run_id).await,
         }
     }
 }
@@ -268,6 +278,142 @@ async fn rooms_memory(target: &Target, shape: &Shape, run_id: &str) -> Result<Me
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut metrics = Metrics::default();
     target.memory_metrics(&mut metrics, &before, shape.rooms, "room");
+    Ok(metrics)
+}
+
+/// The room counts as quiet once no presence frame (or join reply) has arrived anywhere for
+/// this long; the quiet itself is not part of any time reported.
+const QUIET: Duration = Duration::from_secs(1);
+/// A wave that makes no progress at all for this long (every join has its own 30 s) is over.
+const STALLED: Duration = Duration::from_secs(40);
+
+/// `presence-wave`: every client joins one new room as `u<i>`, `shape.concurrency` joins in
+/// flight, and counts the presence frames it receives from the first join sent until the room
+/// is quiet; then each checks that its view (phoenix.js's `syncState`/`syncDiff`) lists
+/// every member. `--concurrency` sets the joins in flight; `--concurrency 1000` sends all
+/// 1,000 at once, which overflows the room's call queue (see the preset).
+///
+///     loadgen run --url http://127.0.0.1:4700 --scenario presence-wave [--clients 1000]
+async fn presence_wave(target: &Target, shape: &Shape, run_id: &str) -> Result<Metrics, Error> {
+    if target.protocol != Protocol::Phoenix {
+        return Err("presence-wave needs Phoenix Presence, which only roomvisor has".into());
+    }
+    let members = shape.clients.max(1);
+    let room = format!("wave-{run_id}");
+    let clients = connect_all(target, members).await?;
+    let wave = Arc::new(Wave::default());
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|client| {
+            let params = serde_json::json!({ "name": format!("u{}", client.id) });
+            tokio::spawn(client.presence_wave(room.clone(), params, wave.clone()))
+        })
+        .collect();
+    wave.open(shape.concurrency);
+    while wave.answered_count() < members && wave.quiet_for() < STALLED {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if wave.answered_count() < members {
+        eprintln!("  the wave stalled: {} of {members} joins answered", wave.answered_count());
+    }
+    let waited = Instant::now();
+    while wave.quiet_for() < QUIET && waited.elapsed() < STALLED {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    wave.stop();
+    let wave_time = wave.wave_time();
+    let presence_time = wave.presence_time();
+
+    // In the views' (BTreeMap) order.
+    let mut expected: Vec<String> = (0..members).map(|i| format!("u{i}")).collect();
+    expected.sort_unstable();
+    let mut joins = Latencies::default();
+    let (mut joined, mut refused, mut wrong_views, mut full_views) = (0usize, 0usize, 0usize, 0usize);
+    let (mut states, mut diffs, mut state_bytes, mut diff_bytes) = (0u64, 0u64, 0u64, 0u64);
+    let mut outcomes = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let seen = task.await?;
+        states += seen.state_frames;
+        diffs += seen.diff_frames;
+        state_bytes += seen.state_bytes;
+        diff_bytes += seen.diff_bytes;
+        outcomes.push(seen);
+    }
+    if states + diffs == 0 {
+        return Err("no presence frames arrived: the server does not speak Phoenix Presence".into());
+    }
+    for (id, seen) in outcomes.into_iter().enumerate() {
+        match seen.join {
+            Some(Ok(latency)) => {
+                joined += 1;
+                joins.record(latency);
+            }
+            failed => {
+                refused += 1;
+                if refused <= 5 {
+                    let why = failed.and_then(Result::err).unwrap_or_else(|| "never sent".to_owned());
+                    eprintln!("  client {id}: join failed: {why}");
+                }
+                continue;
+            }
+        }
+        let problem = match &seen.view {
+            Ok(view) if view.pending() > 0 => {
+                Some(format!("{} diffs never applied: no presence_state", view.pending()))
+            }
+            Ok(view) if view.state.keys().eq(expected.iter()) => None,
+            Ok(view) => {
+                let missing = expected.iter().filter(|k| !view.state.contains_key(*k)).count();
+                let extra = view.state.keys().filter(|k| expected.binary_search(k).is_err()).count();
+                Some(format!(
+                    "its view lists {} keys, not {members} ({missing} missing, {extra} unexpected)",
+                    view.state.len()
+                ))
+            }
+            Err(why) => Some(why.clone()),
+        };
+        match problem {
+            None => full_views += 1,
+            Some(problem) => {
+                wrong_views += 1;
+                if wrong_views <= 5 {
+                    eprintln!("  FAILED: client {id}: {problem}");
+                }
+            }
+        }
+    }
+    if wrong_views > 5 {
+        eprintln!("  FAILED: … {wrong_views} views in all that do not list exactly the {members} members");
+    }
+    if refused > 5 {
+        eprintln!("  … {refused} joins failed in all");
+    }
+
+    let frames = (states + diffs) as f64;
+    let estimate = unbatched_frames(members);
+    let wave_secs = wave_time.as_secs_f64();
+    let mut metrics = Metrics::default();
+    metrics.push("members", joined as f64, "", Better::Higher);
+    metrics.push("wave: first join sent → last join reply", wave_secs * 1000.0, "ms", Better::Lower);
+    if wave_secs > 0.0 {
+        metrics.push("joins/s in the wave", joined as f64 / wave_secs, "/s", Better::Higher);
+    }
+    metrics.latencies("join sent → reply", &joins);
+    metrics.push(
+        "first join sent → last presence frame",
+        presence_time.as_secs_f64() * 1000.0,
+        "ms",
+        Better::Lower,
+    );
+    metrics.push("presence frames, total (state + diffs)", frames, "", Better::Lower);
+    metrics.push("presence bytes, total", (state_bytes + diff_bytes) as f64, "B", Better::Lower);
+    metrics.push("presence_state bytes", state_bytes as f64, "B", Better::Lower);
+    metrics.push("presence_diff bytes", diff_bytes as f64, "B", Better::Lower);
+    metrics.push("presence_diff frames per member", diffs as f64 / members as f64, "", Better::Lower);
+    metrics.push("unbatched estimate N(N-1)/2 + N", estimate, "frames", Better::Lower);
+    metrics.push("unbatched estimate ÷ frames sent", estimate / frames, "×", Better::Higher);
+    metrics.push("views listing exactly the N members", full_views as f64, "", Better::Higher);
+    metrics.push("errors", (refused + wrong_views) as f64, "", Better::Lower);
     Ok(metrics)
 }
 
