@@ -2,7 +2,7 @@
 //! handle; in a cluster, wherever its [`Placement`] says, starting it here if it runs nowhere.
 
 use super::error::{PlacementError, RoomError};
-use super::placement::{Placement, RemoteCallError};
+use super::placement::{Holder, Placement, RemoteCallError};
 use super::shares::{Caller, ClientId};
 use super::supervisor::{Slot, Supervisor};
 use crate::gateway::ids::RoomId;
@@ -79,14 +79,26 @@ impl Supervisor {
         let placement = self.inner.placement.as_ref()?;
         match placement.holder(id).await {
             Ok(Some(holder)) if holder.node != *placement.node() => {
-                let timeout = self.inner.config.call_timeout();
-                match placement.call(&holder, id, function, args_json, timeout).await {
-                    Ok(result) => Some(Ok(result)),
-                    Err(RemoteCallError::Room(error)) => Some(Err(error)),
-                    Err(RemoteCallError::NotHere) => None,
-                }
+                self.call_holder(&**placement, &holder, id, function, args_json).await
             }
             _ => None,
+        }
+    }
+
+    /// Calls the room on the node that holds it; `None` if it turned out not to be there.
+    async fn call_holder(
+        &self,
+        placement: &dyn Placement,
+        holder: &Holder,
+        id: &RoomId,
+        function: &str,
+        args_json: String,
+    ) -> Option<Result<String, RoomError>> {
+        let timeout = self.inner.config.call_timeout();
+        match placement.call(holder, id, function, args_json, timeout).await {
+            Ok(result) => Some(Ok(result)),
+            Err(RemoteCallError::Room(error)) => Some(Err(error)),
+            Err(RemoteCallError::NotHere) => None,
         }
     }
 
@@ -107,11 +119,9 @@ impl Supervisor {
             }
             match placement.holder(id).await? {
                 Some(holder) if holder.node != *placement.node() => {
-                    let timeout = self.inner.config.call_timeout();
-                    match placement.call(&holder, id, function, args_json.clone(), timeout).await {
-                        Ok(result) => return Ok(result),
-                        Err(RemoteCallError::Room(error)) => return Err(error),
-                        Err(RemoteCallError::NotHere) => continue,
+                    match self.call_holder(placement, &holder, id, function, args_json.clone()).await {
+                        Some(result) => return result,
+                        None => continue,
                     }
                 }
                 // Nobody's, or a lease of ours on a runtime that is gone: start it here.
