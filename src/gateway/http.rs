@@ -33,6 +33,8 @@ pub struct AppState {
     pub api_token: Option<String>,
     /// Upgraded connections outlive their HTTP request; shutdown waits for them here.
     pub connections: TaskTracker,
+    /// Renders `/metrics`; `None` if another recorder was installed first (a test's).
+    pub metrics: Option<&'static metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -41,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .route("/game", get(game))
         .route("/socket/websocket", get(websocket))
         .route("/api/rooms", get(rooms))
+        .route("/metrics", get(metrics_text))
         .route("/api/auth", get(auth_required))
         .route("/api/token/refresh", axum::routing::post(refresh_token))
         .route("/healthz", get(healthz))
@@ -79,6 +82,7 @@ async fn websocket(
     let origin = headers.get(header::ORIGIN).map(|o| o.to_str().unwrap_or("(not text)"));
     if let Err(origin) = state.origins.check(origin) {
         tracing::warn!(origin, "refused a WebSocket upgrade from a foreign origin");
+        ::metrics::counter!(super::metrics::REFUSALS, "reason" => "origin").increment(1);
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
     let mut context = state.socket.clone();
@@ -90,6 +94,7 @@ async fn websocket(
             Err(why) => {
                 // The reason, never the token: a log is no place for credentials.
                 tracing::warn!(peer = %peer.ip(), "refused a WebSocket upgrade with {why}");
+                ::metrics::counter!(super::metrics::REFUSALS, "reason" => "auth").increment(1);
                 return (StatusCode::FORBIDDEN, format!("refused: {why}")).into_response();
             }
         }
@@ -160,6 +165,35 @@ fn check_vsn(query: Option<&str>) -> Result<(), String> {
     }
 }
 
+/// The counters in the Prometheus text format: for operators, like `/api/rooms`.
+async fn metrics_text(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if !is_operator(&state, peer, &headers) {
+        tracing::warn!(peer = %peer.ip(), "refused /metrics to a remote client without the API token");
+        return (StatusCode::FORBIDDEN, "metrics are for operators").into_response();
+    }
+    let Some(handle) = state.metrics else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "metrics are not recorded").into_response();
+    };
+    // A gauge read at scrape time rather than kept up to date on every start and exit.
+    ::metrics::gauge!(super::metrics::ROOMS_LIVE).set(state.socket.supervisor.live_room_count() as f64);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+}
+
+/// Loopback, or anyone presenting the `--api-token`.
+fn is_operator(state: &AppState, peer: SocketAddr, headers: &HeaderMap) -> bool {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "));
+    let token_ok =
+        matches!((&state.api_token, presented), (Some(token), Some(given)) if same_secret(token, given));
+    peer.ip().is_loopback() || token_ok
+}
+
 /// Every room and its worker's pid: for operators, so only from this machine or with the
 /// `--api-token`.
 async fn rooms(
@@ -167,13 +201,7 @@ async fn rooms(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "));
-    let token_ok =
-        matches!((&state.api_token, presented), (Some(token), Some(given)) if same_secret(token, given));
-    if !peer.ip().is_loopback() && !token_ok {
+    if !is_operator(&state, peer, &headers) {
         tracing::warn!(peer = %peer.ip(), "refused /api/rooms to a remote client without the API token");
         return (StatusCode::FORBIDDEN, "the rooms API is for operators").into_response();
     }

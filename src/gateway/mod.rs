@@ -9,6 +9,7 @@ pub mod hooks;
 mod http;
 pub mod ids;
 mod listener;
+mod metrics;
 mod origin;
 pub mod phoenix;
 pub mod presence;
@@ -99,6 +100,8 @@ fn print_token(
 /// Serves until SIGTERM or SIGINT, then closes sockets with 1001, stops every worker, and
 /// returns.
 pub async fn run(config: Config) -> std::io::Result<()> {
+    // Before anything counts: a counter bumped with no recorder installed is lost.
+    let metrics = metrics::install();
     let open_files = listener::raise_open_files_limit();
     let limits = listener::ConnectionLimits::new(
         config.max_connections,
@@ -146,6 +149,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         origins: origin::OriginPolicy::new(address, &config.allowed_origins),
         sockets_per_address: quota::SocketsPerAddress::new(config.max_sockets_per_address),
         api_token: config.api_token.clone(),
+        metrics,
         connections: connections.clone(),
     };
 

@@ -62,8 +62,14 @@ impl Cluster {
             .reconnect_delay_callback(|attempts| Duration::from_millis((100 * attempts as u64).min(1_000)))
             .event_callback(|event| async move {
                 match event {
-                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
+                    async_nats::Event::Connected => {
+                        ::metrics::gauge!(crate::gateway::metrics::NATS_CONNECTED).set(1.0);
+                        tracing::info!("connected to NATS")
+                    }
+                    async_nats::Event::Disconnected => {
+                        ::metrics::gauge!(crate::gateway::metrics::NATS_CONNECTED).set(0.0);
+                        tracing::warn!("disconnected from NATS; reconnecting")
+                    }
                     other => tracing::debug!("NATS: {other}"),
                 }
             });

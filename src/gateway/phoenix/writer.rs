@@ -114,6 +114,8 @@ pub async fn write_frames(
     mut outbound: OutboxReceiver,
     mut close: oneshot::Receiver<Closing>,
 ) {
+    let frames_out = ::metrics::counter!(crate::gateway::metrics::FRAMES_OUT);
+    let bytes_out = ::metrics::counter!(crate::gateway::metrics::BYTES_OUT);
     loop {
         tokio::select! {
             biased;
@@ -125,7 +127,17 @@ pub async fn write_frames(
             }
             frame = outbound.recv() => match frame {
                 Some(frame) => {
-                    if write_batch(&mut sink, frame, || outbound.try_recv()).await.is_err() {
+                    let (mut frames, mut bytes) = (1u64, frame.len() as u64);
+                    let next = || {
+                        let frame = outbound.try_recv()?;
+                        frames += 1;
+                        bytes += frame.len() as u64;
+                        Some(frame)
+                    };
+                    let written = write_batch(&mut sink, frame, next).await;
+                    frames_out.increment(frames);
+                    bytes_out.increment(bytes);
+                    if written.is_err() {
                         break;
                     }
                 }

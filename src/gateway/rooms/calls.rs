@@ -95,6 +95,7 @@ impl Supervisor {
         args_json: String,
     ) -> Option<Result<String, RoomError>> {
         let timeout = self.inner.config.call_timeout();
+        ::metrics::counter!(crate::gateway::metrics::REMOTE_CALLS).increment(1);
         match placement.call(holder, id, function, args_json, timeout).await {
             Ok(result) => Some(Ok(result)),
             Err(RemoteCallError::Room(error)) => Some(Err(error)),

@@ -115,7 +115,11 @@ impl RoomHandle {
             mpsc::error::TrySendError::Closed(_) => RoomError::WorkerExited,
         })?;
         let answer = async { answer.await.map_err(|_| RoomError::WorkerExited)? };
-        timeout(self.call_timeout, answer).await.unwrap_or(Err(RoomError::Timeout))
+        let asked = std::time::Instant::now();
+        let result = timeout(self.call_timeout, answer).await.unwrap_or(Err(RoomError::Timeout));
+        let kind = crate::gateway::metrics::call_kind(function);
+        ::metrics::histogram!(crate::gateway::metrics::CALL_SECONDS, "call" => kind).record(asked.elapsed());
+        result
     }
 
     /// Asks the worker to finish; it exits once it has drained what it was sent.

@@ -5,7 +5,7 @@
 //! refused for a cool-down), and tells the room's subscribers with `room_reset`. The next use
 //! starts a fresh runtime. In a cluster, a [`Placement`] says where each room runs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -17,13 +17,14 @@ use tokio_util::task::TaskTracker;
 
 use super::crashes::CrashGuard;
 use super::error::RoomError;
-use super::handle::{ExitReport, RoomHandle};
+use super::handle::{ExitReason, ExitReport, RoomHandle};
 use super::launcher::{Launched, Launcher, ProcessLauncher};
 use super::placement::{Claim, Placement};
 use super::shares::{Caller, Shares};
 use crate::gateway::config::Config;
 use crate::gateway::hooks::{self, RoomReset};
 use crate::gateway::ids::{NodeId, RoomId, RuntimeId};
+use crate::gateway::metrics;
 use crate::gateway::phoenix::{self, ROOM_RESET};
 use crate::gateway::pubsub::PubSub;
 use crate::util::LockExt;
@@ -43,6 +44,8 @@ pub(super) struct State {
     pub(super) rooms: HashMap<RoomId, Slot>,
     /// Every worker not yet reaped, by runtime, so shutdown can reach starting ones too.
     workers: HashMap<RuntimeId, RoomHandle>,
+    /// Runtimes stopped to make room at the limit, until they are reaped (for the exit's label).
+    evicted: HashSet<RuntimeId>,
     crashes: CrashGuard,
     shares: Shares,
     shutting_down: bool,
@@ -108,6 +111,7 @@ impl Supervisor {
         let state = State {
             rooms: HashMap::new(),
             workers: HashMap::new(),
+            evicted: HashSet::new(),
             crashes,
             shares: Shares::default(),
             shutting_down: false,
@@ -236,12 +240,14 @@ impl Supervisor {
             return Err(RoomError::ShuttingDown);
         }
         if state.crashes.is_cooling(id, Instant::now()) {
+            ::metrics::counter!(metrics::CRASH_LOOP_REFUSALS).increment(1);
             return Err(RoomError::CrashLooping);
         }
         if !state.shares.may_start(caller) {
             return Err(RoomError::StartQuota);
         }
         if state.rooms.len() >= self.inner.config.max_rooms && !self.evict_idle_room(state, id) {
+            ::metrics::counter!(metrics::REFUSALS, "reason" => "room_limit").increment(1);
             return Err(RoomError::RoomLimit);
         }
         let runtime = RuntimeId::new(self.inner.next_runtime.fetch_add(1, Ordering::Relaxed));
@@ -349,6 +355,7 @@ impl Supervisor {
             .cloned();
         let Some(victim) = victim else { return false };
         state.rooms.remove(&victim.room);
+        state.evicted.insert(victim.runtime);
         state.shares.forget(&victim.room);
         tracing::info!(
             room = %victim.room,
@@ -384,6 +391,7 @@ impl Supervisor {
 
     async fn launch_worker(&self, id: &RoomId, runtime: RuntimeId) -> Result<RoomHandle, RoomError> {
         let Launched { handle, ready, actor } = self.inner.launcher.launch(id, runtime)?;
+        ::metrics::counter!(metrics::WORKER_STARTS).increment(1);
         self.lock().workers.insert(runtime, handle.clone());
         let supervisor = self.clone();
         self.inner.monitors.spawn(async move {
@@ -405,6 +413,9 @@ impl Supervisor {
         let crashed = report.reason.is_crash() && report.was_ready;
         {
             let mut state = self.lock();
+            let evicted = state.evicted.remove(&report.runtime);
+            ::metrics::counter!(metrics::WORKER_EXITS, "reason" => exit_label(&report.reason, evicted))
+                .increment(1);
             state.workers.remove(&report.runtime);
             state.shares.ended(report.runtime);
             let ours = match state.rooms.get(&report.room) {
@@ -450,6 +461,20 @@ impl Supervisor {
 
     pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         self.inner.state.lock_or_recover()
+    }
+}
+
+/// The `reason` label of `roomvisor_worker_exits_total`.
+fn exit_label(reason: &ExitReason, evicted: bool) -> &'static str {
+    use std::os::unix::process::ExitStatusExt;
+    match reason {
+        ExitReason::Requested if evicted => "evicted",
+        ExitReason::Requested => "normal",
+        ExitReason::Exited(status) if status.signal().is_some() => "killed",
+        ExitReason::Exited(_) => "crash",
+        ExitReason::ProtocolViolation(_) => "protocol_violation",
+        ExitReason::Unresponsive => "unresponsive",
+        ExitReason::Killed(_) => "killed",
     }
 }
 

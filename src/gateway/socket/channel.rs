@@ -130,6 +130,7 @@ impl Channel {
                     return Joined::Unanswered;
                 }
                 self.outbox.send(reply);
+                ::metrics::counter!(crate::gateway::metrics::JOINS, "result" => "ok").increment(1);
                 // As Phoenix Presence does: the joiner learns who is there right after its
                 // reply, then hears the diffs (those held during the join follow).
                 let pubsub = self.ctx.supervisor.pubsub();
@@ -138,6 +139,8 @@ impl Channel {
                 Joined::Yes
             }
             Err(e) => {
+                let result = if matches!(e, RoomError::Script(_)) { "refused" } else { "failed" };
+                ::metrics::counter!(crate::gateway::metrics::JOINS, "result" => result).increment(1);
                 self.outbox.send(frame.reply_error(&self.refusal("join", &e)));
                 match e {
                     RoomError::Script(_) => Joined::Refused,

@@ -57,6 +57,8 @@ pub(super) struct Connection {
     malformed: u32,
     /// Every channel task still running, replaced ones included.
     tasks: HashMap<u64, AbortHandle>,
+    /// `roomvisor_frames_in_total`, looked up once per connection rather than per frame.
+    frames_in: ::metrics::Counter,
 }
 
 /// A connection that ends takes its channel tasks with it: calls they still wait on lose
@@ -86,6 +88,7 @@ impl Connection {
             rate_limited: 0,
             malformed: 0,
             tasks: HashMap::new(),
+            frames_in: ::metrics::counter!(crate::gateway::metrics::FRAMES_IN),
         }
     }
 
@@ -154,6 +157,7 @@ impl Connection {
     }
 
     fn on_text(&mut self, text: &str) -> Option<Closing> {
+        self.frames_in.increment(1);
         let frame = match Frame::parse(text) {
             Ok(frame) => frame,
             Err(e) => return self.on_malformed(&e.to_string()),
@@ -164,6 +168,7 @@ impl Connection {
                 tracing::info!("rate limiting a socket past {}/s", self.ctx.config.rate_per_sec);
             }
             self.rate_limited += 1;
+            ::metrics::counter!(crate::gateway::metrics::REFUSALS, "reason" => "rate_limited").increment(1);
             self.outbox.send(frame.reply_error("rate limited"));
             return None;
         }
@@ -184,6 +189,7 @@ impl Connection {
     /// Rooms speak JSON only; a well-formed binary push is refused with a reply (so the
     /// client is not left waiting), anything else binary counts as malformed.
     fn on_binary(&mut self, bytes: &[u8]) -> Option<Closing> {
+        self.frames_in.increment(1);
         let frame = match Frame::parse_binary_push(bytes) {
             Ok(frame) => frame,
             Err(e) => return self.on_malformed(&e.to_string()),

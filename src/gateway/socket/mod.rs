@@ -41,6 +41,10 @@ pub struct SocketContext {
 
 /// Serves one upgraded connection until either side closes it.
 pub async fn serve(socket: WebSocket, mut ctx: SocketContext) {
+    let open = ::metrics::gauge!(crate::gateway::metrics::SOCKETS_OPEN);
+    open.increment(1.0);
+    // Decremented however this ends, an aborted task included.
+    let _open = OpenSocket(open);
     ctx.caller = Caller { id: ClientId::next(), max_started: ctx.config.max_rooms_started_per_socket };
     let (sink, stream) = socket.split();
     let (outbox, outbound) = Outbox::bounded(ctx.config.outbound_queue, ctx.config.outbound_queue_bytes);
@@ -73,5 +77,13 @@ pub async fn serve(socket: WebSocket, mut ctx: SocketContext) {
     let mut writer = writer;
     if tokio::time::timeout(CLOSE_FLUSH, &mut writer).await.is_err() {
         writer.abort();
+    }
+}
+
+struct OpenSocket(::metrics::Gauge);
+
+impl Drop for OpenSocket {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }

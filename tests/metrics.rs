@@ -1,0 +1,106 @@
+//! `GET /metrics`: scraped before and after real events (a join, a message, a worker killed,
+//! a refused join), parsed with a Prometheus text parser, and checked to have moved by exactly
+//! what happened.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{kill9, script_file, Client, Gateway};
+use prometheus_parse::{Scrape, Value};
+use serde_json::json;
+
+/// One scrape: the value of a sample by metric name and labels (a histogram's total count).
+struct Metrics(Scrape);
+
+impl Metrics {
+    fn scrape(gateway: &Gateway) -> Metrics {
+        let (status, body) = common::http_get(gateway.addr, "/metrics", &[]);
+        assert_eq!(status, 200, "{body}");
+        let lines = body.lines().map(|l| Ok(l.to_owned()));
+        Metrics(Scrape::parse(lines).expect("the exposition parses"))
+    }
+
+    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let sample = self
+            .0
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)));
+        match sample.map(|s| &s.value) {
+            Some(Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v)) => *v,
+            Some(Value::Histogram(buckets)) => {
+                buckets.iter().find(|b| b.less_than.is_infinite()).map_or(0.0, |b| b.count)
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+/// Every frame the client reads until `quiet` passes without one; their total length in bytes.
+async fn drain(client: &mut Client, quiet: Duration) -> (usize, usize) {
+    let (mut frames, mut bytes) = (0, 0);
+    while let Some(frame) = client.try_recv(quiet).await {
+        frames += 1;
+        bytes += frame.to_string().len();
+    }
+    (frames, bytes)
+}
+
+const QUIET: Duration = Duration::from_millis(300);
+
+#[tokio::test]
+async fn counters_move_by_exactly_what_happened() {
+    let refusing = script_file("refusing.js", "function onJoin() { Room.refuse('no'); }");
+    let gateway = Gateway::start(&["--room", &format!("closed={}", refusing.display())]);
+    let before = Metrics::scrape(&gateway);
+    let mut ann = gateway.connect().await;
+    ann.presence = true;
+    let (ann_ref, reply) = ann.join_with("room:m", json!({"name": "ann"})).await;
+    let reply_bytes = json!([ann_ref, ann_ref, "room:m", "phx_reply", reply]).to_string().len();
+    // After the join's reply: its presence_state, then the diff of its own arrival.
+    let (frames, bytes) = drain(&mut ann, QUIET).await;
+    let (frames, bytes) = (frames + 1, bytes + reply_bytes);
+    let joined = Metrics::scrape(&gateway);
+    let moved = |name: &str, labels: &[(&str, &str)], a: &Metrics, b: &Metrics| {
+        b.get(name, labels) - a.get(name, labels)
+    };
+    assert_eq!(moved("roomvisor_joins_total", &[("result", "ok")], &before, &joined), 1.0);
+    assert_eq!(moved("roomvisor_frames_in_total", &[], &before, &joined), 1.0);
+    assert_eq!(moved("roomvisor_worker_starts_total", &[], &before, &joined), 1.0);
+    assert_eq!(joined.get("roomvisor_sockets_open", &[]), 1.0);
+    assert_eq!(joined.get("roomvisor_rooms_live", &[]), 1.0);
+    assert!(moved("roomvisor_call_duration_seconds", &[("call", "join")], &before, &joined) >= 1.0);
+    // Exactly what the client read, frames and bytes (re-serialized compactly, as sent).
+    let out_frames = moved("roomvisor_frames_out_total", &[], &before, &joined);
+    let out_bytes = moved("roomvisor_bytes_out_total", &[], &before, &joined);
+    assert_eq!((out_frames, out_bytes), (frames as f64, bytes as f64));
+
+    ann.send_message(&ann_ref, "room:m", "ann", "hi").await;
+    // The reply was read by send_message; new_message follows (or came first, then kept).
+    let (frames, _) = drain(&mut ann, QUIET).await;
+    let frames = frames + 1;
+    let sent = Metrics::scrape(&gateway);
+    assert_eq!(moved("roomvisor_frames_in_total", &[], &joined, &sent), 1.0);
+    assert_eq!(frames, 2, "the reply and new_message");
+    assert_eq!(moved("roomvisor_frames_out_total", &[], &joined, &sent), 2.0);
+    assert_eq!(moved("roomvisor_call_duration_seconds", &[("call", "event")], &joined, &sent), 1.0);
+
+    kill9(gateway.wait_room_pid("m"));
+    ann.next_event("room_reset").await;
+    let killed = Metrics::scrape(&gateway);
+    assert_eq!(moved("roomvisor_worker_exits_total", &[("reason", "killed")], &sent, &killed), 1.0);
+    assert_eq!(moved("roomvisor_worker_starts_total", &[], &sent, &killed), 1.0, "restarted for its join");
+
+    let (_, refused) = ann.join("closed:x").await;
+    assert_eq!(refused["status"], "error");
+    let after = Metrics::scrape(&gateway);
+    assert_eq!(moved("roomvisor_joins_total", &[("result", "refused")], &killed, &after), 1.0);
+    assert_eq!(moved("roomvisor_joins_total", &[("result", "ok")], &killed, &after), 0.0);
+    drop(ann);
+    let closed = common::wait_for(|| {
+        let now = Metrics::scrape(&gateway);
+        (now.get("roomvisor_sockets_open", &[]) == 0.0).then_some(())
+    });
+    assert!(closed.is_some(), "the closed socket is no longer counted");
+}
