@@ -106,6 +106,10 @@ pub struct Config {
     #[arg(long, env = "ROOMVISOR_AUTH_SECRET", hide_env_values = true, global = true, value_parser = parse_secret)]
     pub auth_secret: Option<Secret>,
 
+    /// Log lines as `text` for people or `json` (one object per line) for log shippers.
+    #[arg(long, env = "ROOMVISOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 
@@ -204,6 +208,12 @@ pub enum Command {
         #[arg(long, value_parser = parse_claims)]
         claims: Option<serde_json::Map<String, serde_json::Value>>,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// A secret that `Debug` (and so any log of the configuration) does not show.

@@ -68,7 +68,10 @@ impl Launcher for ProcessLauncher {
             tracing::error!(room = %room, "cannot start a room worker: {e}");
             RoomError::SpawnFailed(Arc::new(e))
         })?;
-        Ok(Launched { handle, ready, actor: Box::pin(actor) })
+        // Every line the actor logs carries the room's kind, id and pid, as fields a log
+        // shipper can filter on (`--log-format json` puts them in each line's `span`).
+        let span = tracing::info_span!("room", kind = room.kind(), id = room.as_str(), pid = handle.pid);
+        Ok(Launched { handle, ready, actor: Box::pin(tracing::Instrument::instrument(actor, span)) })
     }
 }
 

@@ -1,6 +1,7 @@
-//! `GET /metrics`: scraped before and after real events (a join, a message, a worker killed,
-//! a refused join), parsed with a Prometheus text parser, and checked to have moved by exactly
-//! what happened.
+//! What operators see: `GET /metrics`, scraped before and after real events (a join, a
+//! message, a worker killed, a refused join), parsed with a Prometheus text parser and checked
+//! to have moved by exactly what happened; and the logs as JSON, a room's lines carrying its
+//! kind, id and pid.
 
 mod common;
 
@@ -103,4 +104,22 @@ async fn counters_move_by_exactly_what_happened() {
         (now.get("roomvisor_sockets_open", &[]) == 0.0).then_some(())
     });
     assert!(closed.is_some(), "the closed socket is no longer counted");
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_and_a_rooms_lines_name_it() {
+    let gateway = Gateway::start(&["--log-format", "json"]);
+    let mut client = gateway.connect().await;
+    client.join_ok("room:logged").await;
+    let pid = gateway.wait_room_pid("logged");
+    let started = common::wait_for(|| {
+        gateway.log_lines_now().into_iter().find(|line| line.contains("room worker started"))
+    })
+    .expect("the start is logged");
+    let line: serde_json::Value = serde_json::from_str(&started).expect("a JSON object per line");
+    assert_eq!(line["fields"]["message"], "room worker started", "{line}");
+    assert_eq!(line["span"], json!({"name": "room", "kind": "room", "id": "logged", "pid": pid}), "{line}");
+    for line in gateway.log_lines_now() {
+        assert!(serde_json::from_str::<serde_json::Value>(&line).is_ok(), "not JSON: {line}");
+    }
 }
