@@ -1,7 +1,7 @@
 //! What operators see: `GET /metrics`, scraped before and after real events (a join, a
 //! message, a worker killed, a refused join), parsed with a Prometheus text parser and checked
 //! to have moved by exactly what happened; and the logs as JSON, a room's lines carrying its
-//! kind, id and pid.
+//! kind, id and pid; and the admin API acting on a room.
 
 mod common;
 
@@ -121,5 +121,66 @@ async fn json_logs_are_one_object_per_line_and_a_rooms_lines_name_it() {
     assert_eq!(line["span"], json!({"name": "room", "kind": "room", "id": "logged", "pid": pid}), "{line}");
     for line in gateway.log_lines_now() {
         assert!(serde_json::from_str::<serde_json::Value>(&line).is_ok(), "not JSON: {line}");
+    }
+}
+
+#[tokio::test]
+async fn the_admin_api_lists_kills_stops_reads_and_calls_a_room() {
+    let script = script_file(
+        "chatty.js",
+        r#"const said = [];
+           function onJoin(conn) { console.log("hello from the room"); return {}; }
+           function onEvent() { return said; }
+           function say(who, text) { said.push([who, text]); Room.broadcast("said", { who, text }); return said.length; }"#,
+    );
+    let gateway = Gateway::start(&["--room", &format!("talk={}", script.display())]);
+    let mut ann = gateway.connect().await;
+    let (_, reply) = ann.join("talk:a").await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let pid = gateway.wait_room_pid("a");
+
+    let rooms: serde_json::Value =
+        serde_json::from_str(&common::http_get(gateway.addr, "/api/admin/rooms", &[]).1).expect("JSON");
+    let room = rooms.as_array().and_then(|r| r.iter().find(|r| r["id"] == "a")).cloned().expect("listed");
+    assert_eq!((room["kind"].as_str(), room["pid"].as_u64()), (Some("talk"), Some(u64::from(pid))));
+    assert!(room["rss_bytes"].as_u64().is_some_and(|b| b > 1024 * 1024), "a worker's RSS: {room}");
+    assert!(room["cpu_ms"].is_u64() && room["uptime_ms"].is_u64(), "{room}");
+
+    let logs = common::wait_for(|| {
+        let (_, body) = common::http_get(gateway.addr, "/api/admin/rooms/talk/a/logs", &[]);
+        body.contains("hello from the room").then_some(body)
+    });
+    let logs: serde_json::Value =
+        serde_json::from_str(&logs.expect("the console line is kept")).expect("JSON");
+    assert_eq!(logs["lines"][0]["level"], "info");
+    assert_eq!(logs["lines"][0]["pid"], pid);
+
+    let (status, body) = common::http_post_json(
+        gateway.addr,
+        "/api/admin/rooms/talk/a/call",
+        r#"{"function":"say","args":["ops","hi all"]}"#,
+    );
+    assert_eq!((status, body.as_str()), (200, r#"{"result":1}"#));
+    assert_eq!(ann.next_event("said").await[4], json!({"who": "ops", "text": "hi all"}));
+    let (status, body) =
+        common::http_post_json(gateway.addr, "/api/admin/rooms/talk/a/call", r#"{"function":"nope"}"#);
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("no function named"), "the operator sees the script's message: {body}");
+
+    let (status, _) = common::http_post(gateway.addr, "/api/admin/rooms/talk/a/kill", &[]);
+    assert_eq!(status, 200);
+    ann.next_event("room_reset").await;
+    let restarted = common::wait_for(|| gateway.room_pid("a").filter(|p| *p != pid));
+    assert!(restarted.is_some(), "a killed room with a join restarts with a new worker");
+
+    let (status, _) = common::http_post(gateway.addr, "/api/admin/rooms/talk/a/stop", &[]);
+    assert_eq!(status, 200);
+    let stopped = common::wait_for(|| gateway.room_pid("a").is_none().then_some(()));
+    assert!(stopped.is_some(), "a stopped room is gone until its next use");
+    for path in
+        ["/api/admin/rooms/talk/a/kill", "/api/admin/rooms/nokind/a/kill", "/api/admin/rooms/talk/a%20b/kill"]
+    {
+        let (status, _) = common::http_post(gateway.addr, path, &[]);
+        assert!(status == 404 || status == 400, "{path}: {status}");
     }
 }

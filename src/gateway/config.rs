@@ -100,6 +100,11 @@ pub struct Config {
     #[arg(long, env = "ROOMVISOR_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
 
+    /// The operators' admin API (`/api/admin/...`) answers this machine only, and anyone
+    /// sending `Authorization: Bearer <token>` when a token is set.
+    #[arg(long, env = "ROOMVISOR_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
     /// Secret (16 bytes or more) for HS256 JSON Web Tokens: with it, every socket must present
     /// a token it signed (`?token=` or phoenix.js's `authToken`), and its claims are
     /// `conn.user` in the rooms; without it, sockets are anonymous.

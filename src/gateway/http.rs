@@ -31,6 +31,8 @@ pub struct AppState {
     pub sockets_per_address: SocketsPerAddress,
     /// With it, `/api/rooms` also answers requests from other machines that present it.
     pub api_token: Option<String>,
+    /// With it, the admin API also answers other machines that present it.
+    pub admin_token: Option<String>,
     /// Upgraded connections outlive their HTTP request; shutdown waits for them here.
     pub connections: TaskTracker,
     /// Renders `/metrics`; `None` if another recorder was installed first (a test's).
@@ -47,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/auth", get(auth_required))
         .route("/api/token/refresh", axum::routing::post(refresh_token))
         .route("/healthz", get(healthz))
+        .merge(super::admin::routes())
         .with_state(state)
 }
 
@@ -214,7 +217,7 @@ async fn rooms(
 
 /// Compares without stopping at the first difference, so timing does not reveal how much of a
 /// guess was right.
-fn same_secret(expected: &str, given: &str) -> bool {
+pub(super) fn same_secret(expected: &str, given: &str) -> bool {
     expected.len() == given.len()
         && expected.bytes().zip(given.bytes()).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
 }

@@ -2,6 +2,7 @@
 //! supervisor behind, the cluster beside. This module starts it all and shuts it down in
 //! order.
 
+mod admin;
 pub mod auth;
 pub(crate) mod cluster;
 pub mod config;
@@ -148,6 +149,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         origins: origin::OriginPolicy::new(address, &config.allowed_origins),
         sockets_per_address: quota::SocketsPerAddress::new(config.max_sockets_per_address),
         api_token: config.api_token.clone(),
+        admin_token: config.admin_token.clone(),
         metrics,
         connections: connections.clone(),
     };

@@ -187,6 +187,19 @@ pub fn http_post(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16
     (status_of(&response), body)
 }
 
+/// A minimal HTTP/1.1 POST of a JSON body; returns the status code and the body.
+pub fn http_post_json(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    let length = body.len().to_string();
+    let headers =
+        [("Connection", "close"), ("Content-Type", "application/json"), ("Content-Length", length.as_str())];
+    let mut stream = send_request(addr, "POST", path, &headers);
+    stream.write_all(body.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let reply = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status_of(&response), reply)
+}
+
 /// A minimal HTTP/1.1 GET; returns the status code and the body.
 pub fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
     let mut with_close = headers.to_vec();

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
+use super::console::{ConsoleLog, Consoles};
 use super::error::RoomError;
 use super::handle::{ExitReport, ReadySignal, RoomHandle};
 use super::placement::BoxFuture;
@@ -36,6 +37,7 @@ pub(crate) struct Launched {
 pub(crate) struct ProcessLauncher {
     pub config: Arc<Config>,
     pub pubsub: Arc<PubSub>,
+    pub consoles: Consoles,
 }
 
 impl Launcher for ProcessLauncher {
@@ -60,6 +62,7 @@ impl Launcher for ProcessLauncher {
             script,
             limits: config.runtime_limits(),
             settings: crate::gateway::hooks::settings(config),
+            console: self.consoles.for_room(room),
             call_timeout: config.call_timeout(),
             hard_timeout: config.hard_timeout(),
             max_queued_calls: config.max_queued_calls,
@@ -88,6 +91,8 @@ pub struct RoomSpec {
     pub limits: RuntimeLimits,
     /// `Room.settings`, as JSON.
     pub settings: String,
+    /// Where the script's console lines are kept for operators.
+    pub console: Arc<std::sync::Mutex<ConsoleLog>>,
     pub call_timeout: Duration,
     pub hard_timeout: Duration,
     /// Calls that may wait for the room before more are refused as `room busy`.

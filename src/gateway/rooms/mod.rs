@@ -3,6 +3,7 @@
 //! plugs into. (Room, runtime and node ids live in `gateway::ids`, below the PubSub.)
 
 mod calls;
+mod console;
 mod crashes;
 mod error;
 mod fair;
@@ -17,6 +18,7 @@ mod supervisor;
 mod tests;
 
 pub use crate::gateway::ids::{InvalidRoomId, NodeId, RoomId, RuntimeId, DEFAULT_KIND};
+pub use console::ConsoleLine;
 pub use error::{PlacementError, RoomError};
 pub use handle::{ExitReason, ExitReport, RoomHandle};
 pub use placement::{BoxFuture, Claim, Holder, Placement, RemoteCallError};

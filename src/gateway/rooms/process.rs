@@ -29,6 +29,7 @@ use super::stdin::{Refused, Stdin};
 use crate::gateway::ids::RoomId;
 use crate::gateway::phoenix::{self, NEW_MESSAGE};
 use crate::gateway::pubsub::{ChannelMessage, PubSub};
+use crate::util::LockExt;
 use crate::wire::{FromWorker, GatewayCodec, LogLevel, ToWorker};
 
 /// BroadcastChannel messages queued for one runtime before further ones are dropped.
@@ -365,6 +366,7 @@ impl Actor {
                 self.channels.remove(&channel);
             }
             FromWorker::Log { level, message } => {
+                self.spec.console.lock_or_recover().push(self.pid, level, &message);
                 let (room, pid) = (&self.spec.room, self.pid);
                 match level {
                     LogLevel::Debug => tracing::debug!(room = %room, pid, "js: {message}"),

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
+use super::console::{ConsoleLine, Consoles};
 use super::crashes::CrashGuard;
 use super::error::RoomError;
 use super::handle::{ExitReason, ExitReport, RoomHandle};
@@ -83,6 +84,8 @@ pub(super) struct Inner {
     state: Mutex<State>,
     next_runtime: AtomicU64,
     monitors: TaskTracker,
+    /// Each room's recent console lines, which the launcher's workers fill.
+    consoles: Consoles,
 }
 
 impl Supervisor {
@@ -96,8 +99,10 @@ impl Supervisor {
         pubsub: Arc<PubSub>,
         placement: Option<Arc<dyn Placement>>,
     ) -> Supervisor {
-        let launcher = ProcessLauncher { config: config.clone(), pubsub: pubsub.clone() };
-        Supervisor::with_launcher(config, pubsub, placement, Box::new(launcher))
+        let consoles = Consoles::default();
+        let launcher =
+            ProcessLauncher { config: config.clone(), pubsub: pubsub.clone(), consoles: consoles.clone() };
+        Supervisor::with_launcher(config, pubsub, placement, Box::new(launcher), consoles)
     }
 
     pub(crate) fn with_launcher(
@@ -105,6 +110,7 @@ impl Supervisor {
         pubsub: Arc<PubSub>,
         placement: Option<Arc<dyn Placement>>,
         launcher: Box<dyn Launcher>,
+        consoles: Consoles,
     ) -> Supervisor {
         let node = placement.as_ref().map(|p| p.node().clone()).unwrap_or_else(NodeId::local);
         let crashes = CrashGuard::new(config.crash_limit, config.crash_window(), config.crash_cooldown());
@@ -126,6 +132,7 @@ impl Supervisor {
                 state: Mutex::new(state),
                 next_runtime: AtomicU64::new(RuntimeId::FIRST.get()),
                 monitors: TaskTracker::new(),
+                consoles,
             }),
         }
     }
@@ -200,6 +207,19 @@ impl Supervisor {
             .collect();
         rooms.sort_by(|a, b| (&a.kind, &a.id).cmp(&(&b.kind, &b.id)));
         rooms
+    }
+
+    /// The room's recent console lines (operators).
+    pub fn console(&self, id: &RoomId) -> Vec<ConsoleLine> {
+        self.inner.consoles.lines(id)
+    }
+
+    /// The room's live worker on this node, if it has one.
+    pub fn live_handle(&self, id: &RoomId) -> Option<RoomHandle> {
+        match self.lock().rooms.get(id) {
+            Some(Slot::Live(handle)) if !handle.is_closed() => Some(handle.clone()),
+            _ => None,
+        }
     }
 
     /// How many rooms have a live worker.
@@ -356,6 +376,7 @@ impl Supervisor {
         let Some(victim) = victim else { return false };
         state.rooms.remove(&victim.room);
         state.evicted.insert(victim.runtime);
+        self.inner.consoles.forget(&victim.room);
         state.shares.forget(&victim.room);
         tracing::info!(
             room = %victim.room,
@@ -426,6 +447,11 @@ impl Supervisor {
             if ours {
                 state.rooms.remove(&report.room);
                 state.shares.forget(&report.room);
+                // A room stopped on purpose (evicted, stopped, shut down) starts afresh if it
+                // comes back; a crashed one keeps its last lines for the operator to read.
+                if !crashed {
+                    self.inner.consoles.forget(&report.room);
+                }
             }
             if crashed {
                 state.crashes.record(&report.room, Instant::now());

@@ -80,7 +80,13 @@ async fn run_stand_in(
 fn supervisor(behaviour: Behaviour, start_delay: Duration, config: Config) -> (Supervisor, Arc<AtomicUsize>) {
     let launches = Arc::new(AtomicUsize::new(0));
     let launcher = StandIn { behaviour, start_delay, launches: launches.clone() };
-    let supervisor = Supervisor::with_launcher(Arc::new(config), PubSub::new(), None, Box::new(launcher));
+    let supervisor = Supervisor::with_launcher(
+        Arc::new(config),
+        PubSub::new(),
+        None,
+        Box::new(launcher),
+        Default::default(),
+    );
     (supervisor, launches)
 }
 
