@@ -145,6 +145,7 @@ async fn the_admin_api_lists_kills_stops_reads_and_calls_a_room() {
     assert_eq!((room["kind"].as_str(), room["pid"].as_u64()), (Some("talk"), Some(u64::from(pid))));
     assert!(room["rss_bytes"].as_u64().is_some_and(|b| b > 1024 * 1024), "a worker's RSS: {room}");
     assert!(room["cpu_ms"].is_u64() && room["uptime_ms"].is_u64(), "{room}");
+    assert!(room["heap_used_bytes"].as_u64().is_some_and(|b| b > 10_000), "the engine's heap: {room}");
 
     let logs = common::wait_for(|| {
         let (_, body) = common::http_get(gateway.addr, "/api/admin/rooms/talk/a/logs", &[]);

@@ -33,7 +33,12 @@ struct AdminRoom {
     uptime_ms: Option<u64>,
     rss_bytes: Option<u64>,
     cpu_ms: Option<u64>,
+    /// JS heap in use, as the engine counts it; null when the worker is too busy to say.
+    heap_used_bytes: Option<u64>,
 }
+
+/// How long a worker gets to report its heap: a busy one is shown without it.
+const HEAP_READING_WAIT: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// Why a request is turned down: a status and a short reason (small, unlike a `Response`).
 type Refused = (StatusCode, &'static str);
@@ -61,21 +66,24 @@ async fn rooms(
         return refused.into_response();
     }
     let now = crate::util::epoch_ms();
-    let rooms: Vec<AdminRoom> = state
-        .socket
-        .supervisor
-        .rooms()
-        .into_iter()
-        .map(|info| {
-            let usage = info.pid.and_then(proc_usage);
-            AdminRoom {
-                uptime_ms: info.started_at.map(|at| now.saturating_sub(at)),
-                rss_bytes: usage.map(|u| u.0),
-                cpu_ms: usage.map(|u| u.1),
-                info,
-            }
-        })
-        .collect();
+    let supervisor = &state.socket.supervisor;
+    let readings = supervisor.rooms().into_iter().map(|info| async move {
+        let usage = info.pid.and_then(proc_usage);
+        let room = RoomId::in_kind(&info.kind, &info.id).ok();
+        let handle = room.and_then(|room| supervisor.live_handle(&room));
+        let heap = match handle {
+            Some(handle) => handle.heap_used_bytes(HEAP_READING_WAIT).await,
+            None => None,
+        };
+        AdminRoom {
+            uptime_ms: info.started_at.map(|at| now.saturating_sub(at)),
+            rss_bytes: usage.map(|u| u.0),
+            cpu_ms: usage.map(|u| u.1),
+            heap_used_bytes: heap,
+            info,
+        }
+    });
+    let rooms: Vec<AdminRoom> = futures_util::future::join_all(readings).await;
     Json(rooms).into_response()
 }
 

@@ -36,6 +36,8 @@ pub enum ToWorker {
         id: u64,
         result: Result<String, String>,
     },
+    /// How much JS heap the runtime uses (for operators); answered with `Stats`.
+    Stats,
     /// A BroadcastChannel message posted by another runtime; `data` is JSON.
     Deliver {
         channel: String,
@@ -97,6 +99,10 @@ pub enum FromWorker {
     Log {
         level: LogLevel,
         message: String,
+    },
+    /// The answer to `ToWorker::Stats`.
+    Stats {
+        heap_used_bytes: u64,
     },
 }
 

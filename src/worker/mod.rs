@@ -59,6 +59,9 @@ fn run() -> io::Result<()> {
             Incoming::Frame(ToWorker::Call { id, function, args }) => engine.call(id, &function, &args),
             Incoming::Frame(ToWorker::HostReply { id, result }) => engine.settle_host_call(id, result),
             Incoming::Frame(ToWorker::Deliver { channel, data }) => engine.deliver(&channel, &data),
+            Incoming::Frame(ToWorker::Stats) => {
+                io.send(FromWorker::Stats { heap_used_bytes: engine.heap_used_bytes() })
+            }
             Incoming::Frame(ToWorker::Shutdown) | Incoming::Closed => break,
             Incoming::Frame(ToWorker::Start { .. }) => {
                 return Err(protocol_error("a second Start frame".to_owned()))

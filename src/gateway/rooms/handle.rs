@@ -62,6 +62,8 @@ pub struct ExitReport {
 /// What a handle asks of the room's actor.
 pub(crate) enum Request {
     Call(Call),
+    /// The worker's JS heap in use, for operators.
+    Stats(oneshot::Sender<u64>),
     Shutdown,
 }
 
@@ -120,6 +122,14 @@ impl RoomHandle {
         let kind = crate::gateway::metrics::call_kind(function);
         ::metrics::histogram!(crate::gateway::metrics::CALL_SECONDS, "call" => kind).record(asked.elapsed());
         result
+    }
+
+    /// The bytes of JS heap the room's runtime uses; `None` if it does not answer within
+    /// `within` (it is busy, or gone).
+    pub async fn heap_used_bytes(&self, within: Duration) -> Option<u64> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.try_send(Request::Stats(reply)).ok()?;
+        timeout(within, answer).await.ok()?.ok()
     }
 
     /// Asks the worker to finish; it exits once it has drained what it was sent.

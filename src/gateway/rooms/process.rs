@@ -41,6 +41,8 @@ const CALLS_AT_THE_WORKER: usize = 8;
 /// One socket may hold this fraction of a room's queue: sixteen flooding sockets are needed
 /// to fill it.
 const SHARES_OF_THE_QUEUE: usize = 16;
+/// Heap readings asked of a worker and not yet answered; more are not asked.
+const MAX_STATS_WAITING: usize = 4;
 
 /// Builds the actor for a worker just spawned. The returned future is the actor: it must be
 /// polled (spawned) for the room to work, and resolves once the worker is gone and reaped.
@@ -84,6 +86,7 @@ pub(super) fn start(
         last_answer_at: Instant::now(),
         waiting: FairQueue::new((spec.max_queued_calls / SHARES_OF_THE_QUEUE).max(1)),
         draining: false,
+        stats_waiting: std::collections::VecDeque::new(),
         topic: spec.room.topic(),
         spec,
     };
@@ -125,6 +128,8 @@ struct Actor {
     waiting: FairQueue<Call>,
     /// Shutdown was asked for: no more calls are taken.
     draining: bool,
+    /// Operators waiting for the worker's heap figure, in the order asked.
+    stats_waiting: std::collections::VecDeque<oneshot::Sender<u64>>,
 }
 
 /// A frame from the worker that breaks the protocol; the worker is killed for it.
@@ -222,6 +227,12 @@ impl Actor {
                     // Every handle is gone (the registry dropped this room) or shutdown was
                     // asked for: once the calls before it are handed over, closing stdin lets
                     // the worker drain and exit.
+                    Some(Request::Stats(reply)) => {
+                        // A few at a time: an operator's page, not a flood.
+                        if self.stats_waiting.len() < MAX_STATS_WAITING && self.send(ToWorker::Stats).is_ok() {
+                            self.stats_waiting.push_back(reply);
+                        }
+                    }
                     Some(Request::Shutdown) | None => self.draining = true,
                 },
                 Some(message) = self.inbox.recv() => {
@@ -364,6 +375,11 @@ impl Actor {
             FromWorker::Unsubscribe { channel } => {
                 self.pubsub.unsubscribe_runtime(&channel, self.spec.runtime);
                 self.channels.remove(&channel);
+            }
+            FromWorker::Stats { heap_used_bytes } => {
+                let waiting =
+                    self.stats_waiting.pop_front().ok_or_else(|| Violation("unasked stats".to_owned()))?;
+                let _ = waiting.send(heap_used_bytes);
             }
             FromWorker::Log { level, message } => {
                 self.spec.console.lock_or_recover().push(self.pid, level, &message);

@@ -71,6 +71,9 @@ async fn run_stand_in(
                 Some(Request::Call(call)) => {
                     let _ = call.reply.send(Ok(format!("\"{}\"", call.function)));
                 }
+                Some(Request::Stats(reply)) => {
+                    let _ = reply.send(0);
+                }
                 Some(Request::Shutdown) | None => return report(ExitReason::Requested, true),
             },
         }

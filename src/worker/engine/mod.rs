@@ -204,6 +204,11 @@ impl Engine {
         }
     }
 
+    /// Bytes of JS heap in use, as the engine counts them.
+    pub fn heap_used_bytes(&self) -> u64 {
+        u64::try_from(self.runtime.memory_usage().memory_used_size).unwrap_or_default()
+    }
+
     /// When the next timer is due, if any is armed.
     pub fn next_timer_at(&self) -> Option<Instant> {
         let at = self
