@@ -1,4 +1,4 @@
-//! HTTP routes: the chat and game pages, the Phoenix WebSocket endpoint, and the operator API.
+//! HTTP routes: the chat, game and admin pages, the Phoenix WebSocket endpoint, and the operator API.
 
 use axum::extract::ws::WebSocketUpgrade;
 use std::net::SocketAddr;
@@ -22,6 +22,7 @@ use super::socket::{self, SocketContext};
 
 const INDEX_HTML: &str = include_str!("../../static/index.html");
 const GAME_HTML: &str = include_str!("../../static/game.html");
+const ADMIN_HTML: &str = include_str!("../../static/admin.html");
 
 #[derive(Clone)]
 pub struct AppState {
@@ -43,6 +44,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/game", get(game))
+        .route("/admin", get(admin))
         .route("/socket/websocket", get(websocket))
         .route("/api/rooms", get(rooms))
         .route("/metrics", get(metrics_text))
@@ -60,6 +62,12 @@ async fn index() -> Html<&'static str> {
 /// The tic-tac-toe page, for the `game` kind (rooms/tic-tac-toe.js).
 async fn game() -> Html<&'static str> {
     Html(GAME_HTML)
+}
+
+/// The operators' dashboard. The page is public; what it shows comes from the admin API and
+/// `/metrics`, which answer loopback or a Bearer token (the page takes it from `#token=`).
+async fn admin() -> Html<&'static str> {
+    Html(ADMIN_HTML)
 }
 
 /// Bytes read from a socket at a time.
