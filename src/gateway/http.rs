@@ -64,10 +64,14 @@ async fn game() -> Html<&'static str> {
     Html(GAME_HTML)
 }
 
-/// The operators' dashboard. The page is public; what it shows comes from the admin API and
-/// `/metrics`, which answer loopback or a Bearer token (the page takes it from `#token=`).
-async fn admin() -> Html<&'static str> {
-    Html(ADMIN_HTML)
+/// The operators' dashboard. What it shows comes from the admin API and `/metrics`, which
+/// answer loopback or a Bearer token (the page takes it from `#token=`, which a browser never
+/// sends). Without an `--admin-token` nobody remote could use it, so it answers loopback only.
+async fn admin(State(state): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>) -> Response {
+    if state.admin_token.is_none() && !peer.ip().is_loopback() {
+        return (StatusCode::FORBIDDEN, "the dashboard is for operators").into_response();
+    }
+    Html(ADMIN_HTML).into_response()
 }
 
 /// Bytes read from a socket at a time.
