@@ -348,18 +348,9 @@ async fn one_address_holds_only_its_share_of_sockets() {
     replacement.join_ok("room:shared").await;
 }
 
-/// An address of this machine other than loopback, if it has one.
-fn non_loopback_address() -> Option<std::net::IpAddr> {
-    // Connecting a UDP socket sends nothing; it only picks the route and so the source address.
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
-    socket.connect("10.255.255.255:9").ok()?;
-    let ip = socket.local_addr().ok()?.ip();
-    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
-}
-
 #[test]
 fn the_rooms_api_answers_this_machine_and_token_holders_only() {
-    let Some(ip) = non_loopback_address() else {
+    let Some(ip) = common::non_loopback_address() else {
         eprintln!(
             "SKIPPED: the_rooms_api_answers_this_machine_and_token_holders_only: no non-loopback address"
         );

@@ -185,3 +185,32 @@ async fn the_admin_api_lists_kills_stops_reads_and_calls_a_room() {
         assert!(status == 404 || status == 400, "{path}: {status}");
     }
 }
+
+#[test]
+fn the_admin_api_the_dashboard_and_metrics_answer_this_machine_and_token_holders_only() {
+    let Some(ip) = common::non_loopback_address() else {
+        eprintln!("SKIPPED: the_admin_api_the_dashboard_and_metrics_answer_this_machine_and_token_holders_only: no non-loopback address");
+        return;
+    };
+    let open = Gateway::start(&["--bind", "0.0.0.0"]);
+    let remote = std::net::SocketAddr::new(ip, open.addr.port());
+    let local = std::net::SocketAddr::from(([127, 0, 0, 1], open.addr.port()));
+    for path in ["/api/admin/rooms", "/admin", "/metrics"] {
+        assert_eq!(common::http_get(local, path, &[]).0, 200, "{path} from this machine");
+        assert_eq!(common::http_get(remote, path, &[]).0, 403, "{path} from another address");
+    }
+    assert_eq!(common::http_post(remote, "/api/admin/rooms/room/x/kill", &[]).0, 403);
+
+    let guarded = Gateway::start(&["--bind", "0.0.0.0", "--admin-token", "adm1n", "--api-token", "ap1"]);
+    let remote = std::net::SocketAddr::new(ip, guarded.addr.port());
+    let bearer = |token: &'static str| [("Authorization", token)];
+    assert_eq!(common::http_get(remote, "/api/admin/rooms", &bearer("Bearer wrong")).0, 403);
+    assert_eq!(common::http_get(remote, "/api/admin/rooms", &bearer("Bearer adm1n")).0, 200);
+    assert_eq!(common::http_get(remote, "/admin", &[]).0, 200, "the page, whose data needs the token");
+    assert_eq!(
+        common::http_get(remote, "/metrics", &bearer("Bearer adm1n")).0,
+        403,
+        "metrics take the API token"
+    );
+    assert_eq!(common::http_get(remote, "/metrics", &bearer("Bearer ap1")).0, 200);
+}

@@ -612,3 +612,12 @@ pub fn has_field(line: &str, name: &str, value: impl std::fmt::Display) -> bool 
     let wanted = format!("{name}={value}");
     line.split_whitespace().any(|token| token == wanted)
 }
+
+/// An address of this machine other than loopback, if it has one.
+pub fn non_loopback_address() -> Option<std::net::IpAddr> {
+    // Connecting a UDP socket sends nothing; it only picks the route and so the source address.
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("10.255.255.255:9").ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
