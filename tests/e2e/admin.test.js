@@ -6,19 +6,13 @@
 
 const { describe, test, before, after } = require("node:test");
 const assert = require("node:assert/strict");
-const fs = require("node:fs");
 const path = require("node:path");
 const WebSocket = require("ws");
 const { Socket } = require("phoenix");
-const { chromium } = require("playwright-core");
-const { getJson, startGateway, uniqueRoom, waitFor, withLogs, withTimeout } = require("./helpers");
+const {
+  SCREENSHOTS, getJson, launchChromium, startGateway, uniqueRoom, waitFor, withLogs, withTimeout,
+} = require("./helpers");
 
-const CHROMIUM = process.env.E2E_CHROMIUM || "/usr/bin/chromium";
-const CHROMIUM_ARGS = [
-  "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-  "--disable-component-update", "--no-first-run",
-];
-const SCREENSHOTS = path.resolve(process.env.E2E_SCREENSHOTS || path.join(__dirname, "screenshots"));
 const UI_TIMEOUT = 10000;
 const LOGGING_ROOM = path.join(__dirname, "fixtures", "logging-room.js");
 
@@ -35,9 +29,8 @@ describe("the admin dashboard in headless Chromium", () => {
   let alice, bob, dash;
 
   before(async () => {
-    fs.mkdirSync(SCREENSHOTS, { recursive: true });
     gw = await startGateway({ args: ["--room", `logs=${LOGGING_ROOM}`] });
-    browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true, timeout: 30000 });
+    browser = await launchChromium();
   });
 
   after(async () => {

@@ -8,19 +8,12 @@
 
 const { describe, test, before, after } = require("node:test");
 const assert = require("node:assert/strict");
-const fs = require("node:fs");
 const path = require("node:path");
-const { chromium } = require("playwright-core");
 const {
-  killWorker, logged, mintToken, sleep, startGateway, tokenClaims, uniqueRoom, waitFor, withLogs, withTimeout,
+  SCREENSHOTS, killWorker, launchChromium, logged, mintToken, sleep, startGateway, tokenClaims, uniqueRoom, waitFor,
+  withLogs, withTimeout,
 } = require("./helpers");
 
-const CHROMIUM = process.env.E2E_CHROMIUM || "/usr/bin/chromium";
-const CHROMIUM_ARGS = [
-  "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-  "--disable-component-update", "--no-first-run",
-];
-const SCREENSHOTS = path.resolve(process.env.E2E_SCREENSHOTS || path.join(__dirname, "screenshots"));
 const UI_TIMEOUT = 10000;
 const TIME = /^\d{2}:\d{2}:\d{2}$/;
 
@@ -96,9 +89,8 @@ describe("the chat page in headless Chromium", () => {
   const room = uniqueRoom("browser");
 
   before(async () => {
-    fs.mkdirSync(SCREENSHOTS, { recursive: true });
     gw = await startGateway();
-    browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true, timeout: 30000 });
+    browser = await launchChromium();
   });
 
   after(async () => {
@@ -350,9 +342,8 @@ describe("the chat page against a gateway that wants tokens (--auth-secret)", ()
   const room = uniqueRoom("signed");
 
   before(async () => {
-    fs.mkdirSync(SCREENSHOTS, { recursive: true });
     gw = await startGateway({ args: ["--auth-secret", SECRET] });
-    browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true, timeout: 30000 });
+    browser = await launchChromium();
   });
 
   after(async () => {

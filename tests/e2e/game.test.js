@@ -7,17 +7,11 @@
 
 const { describe, test, before, after } = require("node:test");
 const assert = require("node:assert/strict");
-const fs = require("node:fs");
 const path = require("node:path");
-const { chromium } = require("playwright-core");
-const { killWorker, roomInfo, sleep, startGateway, uniqueRoom, waitFor, withLogs, withTimeout } = require("./helpers");
+const {
+  SCREENSHOTS, killWorker, launchChromium, roomInfo, sleep, startGateway, uniqueRoom, waitFor, withLogs, withTimeout,
+} = require("./helpers");
 
-const CHROMIUM = process.env.E2E_CHROMIUM || "/usr/bin/chromium";
-const CHROMIUM_ARGS = [
-  "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-  "--disable-component-update", "--no-first-run",
-];
-const SCREENSHOTS = path.resolve(process.env.E2E_SCREENSHOTS || path.join(__dirname, "screenshots"));
 const UI_TIMEOUT = 10000;
 
 describe("tic-tac-toe in headless Chromium: two players and a spectator", () => {
@@ -27,10 +21,9 @@ describe("tic-tac-toe in headless Chromium: two players and a spectator", () => 
   const game = uniqueRoom("ttt");
 
   before(async () => {
-    fs.mkdirSync(SCREENSHOTS, { recursive: true });
     // No --room flag: the game is a kind the gateway serves out of the box, as `cargo run` does.
     gw = await startGateway();
-    browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true, timeout: 30000 });
+    browser = await launchChromium();
   });
 
   after(async () => {

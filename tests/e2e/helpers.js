@@ -234,8 +234,25 @@ function withLogs(getGateways, fn) {
   };
 }
 
+const CHROMIUM = process.env.E2E_CHROMIUM || "/usr/bin/chromium";
+const CHROMIUM_ARGS = [
+  "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+  "--disable-component-update", "--no-first-run",
+];
+/** Where the Chromium suites put their screenshots (CI points it into target/). */
+const SCREENSHOTS = path.resolve(process.env.E2E_SCREENSHOTS || path.join(__dirname, "screenshots"));
+
+/** Debian's headless Chromium through playwright-core, with the screenshots folder ready. */
+async function launchChromium() {
+  fs.mkdirSync(SCREENSHOTS, { recursive: true });
+  const { chromium } = require("playwright-core");
+  return chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true, timeout: 30000 });
+}
+
 module.exports = {
   GATEWAY,
+  SCREENSHOTS,
+  launchChromium,
   deferred,
   fetchRooms,
   getJson,
