@@ -87,6 +87,18 @@ async fn rooms(
     Json(rooms).into_response()
 }
 
+/// For an operator's request about one room: the room, live on this node; or why not.
+fn operator_room(
+    state: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    kind: &str,
+    id: &str,
+) -> Result<(RoomId, RoomHandle), Refused> {
+    allowed(state, peer, headers)?;
+    live_room(state, kind, id)
+}
+
 /// The room a path names, live on this node; or why not, as the answer to give.
 fn live_room(state: &AppState, kind: &str, id: &str) -> Result<(RoomId, RoomHandle), Refused> {
     if !state.socket.config.has_kind(kind) {
@@ -105,10 +117,7 @@ async fn kill(
     headers: HeaderMap,
     Path((kind, id)): Path<(String, String)>,
 ) -> Response {
-    if let Err(refused) = allowed(&state, peer, &headers) {
-        return refused.into_response();
-    }
-    match live_room(&state, &kind, &id) {
+    match operator_room(&state, peer, &headers, &kind, &id) {
         Ok((room, handle)) => {
             tracing::warn!(room = %room, pid = handle.pid, "an operator killed the room's worker");
             handle.kill();
@@ -124,10 +133,7 @@ async fn stop(
     headers: HeaderMap,
     Path((kind, id)): Path<(String, String)>,
 ) -> Response {
-    if let Err(refused) = allowed(&state, peer, &headers) {
-        return refused.into_response();
-    }
-    match live_room(&state, &kind, &id) {
+    match operator_room(&state, peer, &headers, &kind, &id) {
         Ok((room, handle)) => {
             tracing::info!(room = %room, pid = handle.pid, "an operator stopped the room");
             handle.shutdown().await;
@@ -171,10 +177,7 @@ async fn call(
     Path((kind, id)): Path<(String, String)>,
     Json(request): Json<CallRequest>,
 ) -> Response {
-    if let Err(refused) = allowed(&state, peer, &headers) {
-        return refused.into_response();
-    }
-    let (_, handle) = match live_room(&state, &kind, &id) {
+    let (_, handle) = match operator_room(&state, peer, &headers, &kind, &id) {
         Ok(found) => found,
         Err(refused) => return refused.into_response(),
     };
