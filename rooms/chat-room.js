@@ -1,10 +1,29 @@
-// The chat room. Its whole state is this array: no database, gone when the runtime is.
+// The chat room. Its state is the last 1,000 messages. In a transient room (the default)
+// they live in this runtime's memory and are gone with it; in a durable room (the gateway
+// started with --data-dir) each message is also stored, and a restarted runtime reads them
+// back and numbers on from the last.
 // The gateway runs the hooks (onJoin, onEvent); the plain functions stay callable by name
 // (the original design's API, and what operators and tests call through the gateway).
 
 const MAX_MESSAGES = 1000;
 
-const state = { messages: [], nextId: 1 };
+// `epoch` names the sequence the ids belong to: a client that saw message `id` of this epoch
+// can resume after it. A transient room's ids start over with every run, so it is the run's;
+// a durable room's ids go on across runs, so it is the epoch of the run that stored the first.
+const state = { messages: [], nextId: 1, epoch: Room.epoch, epochStored: false };
+const store = Room.storage;
+
+// Keys sort as the ids do.
+const messageKey = (id) => "msg:" + String(id).padStart(16, "0");
+
+if (store !== undefined) {
+  for (const message of store.list({ prefix: "msg:" }).values()) state.messages.push(message);
+  const last = state.messages[state.messages.length - 1];
+  if (last !== undefined) state.nextId = last.id + 1;
+  const epoch = store.get("epoch");
+  // Stored with the first message, not before: a room that is only visited stores nothing.
+  if (epoch !== undefined) Object.assign(state, { epoch, epochStored: true });
+}
 
 // A join gets the latest messages; `Room.settings` carries the gateway's --history-on-join.
 function onJoin(conn, params) {
@@ -17,7 +36,25 @@ function onJoin(conn, params) {
   const name = conn.user ? displayName(conn.user) : chosenName(params);
   const key = conn.user ? String(conn.user.sub) : name;
   Room.presence.track(conn.id, key, { name, online_at: Date.now() });
-  return { messages: getHistory(Room.settings.historyOnJoin) };
+  return history(params && params.since);
+}
+
+// A join that carries `since: {epoch, id}` (the last message it saw) gets exactly the
+// messages after it, if this room still holds them (`resumed: true`); any other join gets the
+// latest --history-on-join messages (`resumed: false`), and the client starts its list over.
+function history(since) {
+  const oldest = state.messages.length > 0 ? state.messages[0].id : state.nextId;
+  const resumable =
+    since !== null &&
+    typeof since === "object" &&
+    since.epoch === state.epoch &&
+    Number.isInteger(since.id) &&
+    since.id >= oldest - 1 &&
+    since.id < state.nextId;
+  if (resumable) {
+    return { messages: state.messages.slice(since.id - oldest + 1), epoch: state.epoch, resumed: true };
+  }
+  return { messages: getHistory(Room.settings.historyOnJoin), epoch: state.epoch, resumed: false };
 }
 
 function chosenName(params) {
@@ -64,11 +101,19 @@ function sendMessage(sender, text) {
     timestamp: Date.now(),
   };
   state.messages.push(message);
+  if (store !== undefined) {
+    if (!state.epochStored) {
+      store.put("epoch", state.epoch);
+      state.epochStored = true;
+    }
+    store.put(messageKey(message.id), message);
+  }
   // shift(), not splice(): QuickJS shifts a plain array with one memmove, while splice
   // copies it element by element through generic property access (the worker's top cost
   // in loadgen's many-rooms profile once a room held 1,000 messages).
   while (state.messages.length > MAX_MESSAGES) {
-    state.messages.shift();
+    const dropped = state.messages.shift();
+    if (store !== undefined) store.delete(messageKey(dropped.id));
   }
   Room.broadcast("new_message", message);
   return message;
@@ -81,5 +126,5 @@ function getHistory(limit) {
 }
 
 function getState() {
-  return { messageCount: state.messages.length };
+  return { messageCount: state.messages.length, epoch: state.epoch, durable: store !== undefined };
 }

@@ -72,7 +72,7 @@ async fn rooms(
         let room = RoomId::in_kind(&info.kind, &info.id).ok();
         let handle = room.and_then(|room| supervisor.live_handle(&room));
         let heap = match handle {
-            Some(handle) => handle.heap_used_bytes(HEAP_READING_WAIT).await,
+            Some(handle) => handle.stats(HEAP_READING_WAIT).await.map(|stats| stats.heap_used_bytes),
             None => None,
         };
         AdminRoom {

@@ -179,6 +179,27 @@ pub struct Config {
     #[arg(long, value_parser = ranged::<u64>(1_000..=600_000), env = "ROOMVISOR_CLUSTER_LEASE_MS", default_value_t = 5_000)]
     pub cluster_lease_ms: u64,
 
+    /// Durable rooms: each room's `Room.storage` and alarms are kept in a SQLite database in
+    /// this directory, and survive restarts of the room and of the gateway. Without it (and
+    /// outside a cluster) rooms are transient and `Room.storage` is undefined.
+    #[arg(long, env = "ROOMVISOR_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// The database may grow to this many bytes; writes past it fail with `storage
+    /// unavailable` (reads go on). Default: as large as the disk allows.
+    #[arg(long, value_parser = ranged::<u64>(65_536..=u64::MAX), env = "ROOMVISOR_DATA_MAX_BYTES")]
+    pub data_max_bytes: Option<u64>,
+
+    /// Bytes one durable room may store (keys and JSON values); a write past it throws a
+    /// RangeError in the script.
+    #[arg(long, value_parser = ranged::<u64>(1024..=1_073_741_824), env = "ROOMVISOR_ROOM_STORAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub room_storage_bytes: u64,
+
+    /// A durable room with no joins, no timers and no calls for this long is stopped
+    /// (hibernates); its next use starts it again from its storage.
+    #[arg(long, value_parser = ranged::<u64>(100..=604_800_000), env = "ROOMVISOR_ROOM_IDLE_MS", default_value_t = 300_000)]
+    pub room_idle_ms: u64,
+
     /// On SIGTERM/SIGINT, workers get this long to exit before they are killed.
     #[arg(long, value_parser = ranged::<u64>(0..=600_000), env = "ROOMVISOR_SHUTDOWN_GRACE_MS", default_value_t = 5_000)]
     pub shutdown_grace_ms: u64,
@@ -322,6 +343,10 @@ impl Config {
 
     pub fn request_head_timeout(&self) -> Duration {
         Duration::from_millis(self.request_head_timeout_ms)
+    }
+
+    pub fn room_idle(&self) -> Duration {
+        Duration::from_millis(self.room_idle_ms)
     }
 
     pub fn shutdown_grace(&self) -> Duration {

@@ -13,6 +13,8 @@ use crate::gateway::rooms::RoomError;
 pub const JOIN: &str = "@join";
 pub const EVENT: &str = "@event";
 pub const LEAVE: &str = "@leave";
+/// A durable room's due alarm: `onAlarm()`.
+pub const ALARM: &str = "@alarm";
 
 /// Why a join ended, as `onLeave` hears it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,11 +74,13 @@ pub struct RoomReset<'a> {
     pub reason: String,
     pub detail: &'a str,
     pub response: &'a RawValue,
+    /// A durable room came back with its storage: only what was not stored is gone.
+    pub restored: bool,
 }
 
 impl<'a> RoomReset<'a> {
-    pub fn restarted(detail: &'a str, response: &'a RawValue) -> RoomReset<'a> {
-        RoomReset { reason: RoomError::WorkerExited.reason(), detail, response }
+    pub fn restarted(detail: &'a str, response: &'a RawValue, restored: bool) -> RoomReset<'a> {
+        RoomReset { reason: RoomError::WorkerExited.reason(), detail, response, restored }
     }
 }
 

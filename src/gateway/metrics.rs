@@ -19,6 +19,9 @@ pub const CALL_SECONDS: &str = "roomvisor_call_duration_seconds";
 pub const REFUSALS: &str = "roomvisor_refusals_total";
 pub const NATS_CONNECTED: &str = "roomvisor_nats_connected";
 pub const REMOTE_CALLS: &str = "roomvisor_remote_calls_total";
+pub const STORAGE_FAILURES: &str = "roomvisor_storage_failures_total";
+pub const HIBERNATIONS: &str = "roomvisor_hibernations_total";
+pub const ALARMS_FIRED: &str = "roomvisor_alarms_fired_total";
 
 /// Call latencies from 0.5 ms to 10 s: a room answers in about a millisecond, and the hard
 /// limit is 10 s.
@@ -61,6 +64,12 @@ fn describe() {
     describe_counter!(REFUSALS, "requests refused by the gateway, by reason");
     describe_gauge!(NATS_CONNECTED, "1 while connected to the cluster's NATS, else 0");
     describe_counter!(REMOTE_CALLS, "calls into rooms that run on other nodes");
+    describe_counter!(
+        STORAGE_FAILURES,
+        "durable rooms' writes the store refused (each ends the room's worker)"
+    );
+    describe_counter!(HIBERNATIONS, "durable rooms stopped after --room-idle-ms without use");
+    describe_counter!(ALARMS_FIRED, "alarms of durable rooms run, by result (ok, failed)");
 }
 
 /// The kind of a call, for the latency histogram's label.
@@ -69,6 +78,7 @@ pub fn call_kind(function: &str) -> &'static str {
         crate::gateway::hooks::JOIN => "join",
         crate::gateway::hooks::EVENT => "event",
         crate::gateway::hooks::LEAVE => "leave",
+        crate::gateway::hooks::ALARM => "alarm",
         _ => "function",
     }
 }

@@ -19,6 +19,7 @@ mod quota;
 pub mod rooms;
 mod shutdown;
 mod socket;
+pub mod storage;
 pub mod typescript;
 
 use std::io::IsTerminal;
@@ -125,11 +126,21 @@ pub async fn run(config: Config) -> std::io::Result<()> {
             Some(cluster)
         }
     };
+    let storage = match &config.data_dir {
+        None => None,
+        Some(dir) => {
+            let storage = storage::Storage::open_dir(dir, config.data_max_bytes, config.room_storage_bytes)
+                .map_err(std::io::Error::other)?;
+            tracing::info!("durable rooms: {}", storage.store.describe());
+            Some(storage)
+        }
+    };
     let supervisor =
-        Supervisor::with_placement(config.clone(), pubsub, cluster.as_ref().map(Cluster::placement));
+        Supervisor::with_placement(config.clone(), pubsub, cluster.as_ref().map(Cluster::placement), storage);
     if let Some(cluster) = &cluster {
         cluster.start(supervisor.clone());
     }
+    let durable_tasks = supervisor.start_durable_tasks().await;
     let shutdown = Shutdown::new();
     let connections = TaskTracker::new();
     let state = AppState {
@@ -187,6 +198,9 @@ pub async fn run(config: Config) -> std::io::Result<()> {
             tracing::warn!("some sockets did not close in time");
         }
     };
+    for task in durable_tasks {
+        task.abort();
+    }
     tokio::join!(sockets_closed, supervisor.shutdown(config.shutdown_grace()));
     tracing::info!("gateway stopped");
     Ok(())

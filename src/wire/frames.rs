@@ -11,6 +11,16 @@ pub struct RuntimeLimits {
     pub max_frame_bytes: u64,
 }
 
+/// What a durable room's runtime starts with besides its entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageInit {
+    pub alarm_at: Option<u64>,
+    /// Bytes of keys and JSON values the room may hold.
+    pub max_bytes: u64,
+    /// `Restore` frames that follow.
+    pub chunks: u32,
+}
+
 /// Frames the gateway sends to a worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ToWorker {
@@ -24,6 +34,15 @@ pub enum ToWorker {
         limits: RuntimeLimits,
         /// JSON object the script reads as `Room.settings` (the chat's limits, say).
         settings: String,
+        /// This run's epoch (`Room.epoch`): larger than any earlier run's of the room.
+        epoch: u64,
+        /// A durable room's storage; `None` for a transient room (`Room.storage` undefined).
+        storage: Option<StorageInit>,
+    },
+    /// Entries of a durable room's storage (key, JSON value), sent right after `Start` in as
+    /// many frames as `StorageInit::chunks` says, so that no frame outgrows the limit.
+    Restore {
+        entries: Vec<(String, String)>,
     },
     /// Invoke a top-level script function; `args` is a JSON array.
     Call {
@@ -101,9 +120,27 @@ pub enum FromWorker {
         message: String,
     },
     /// The answer to `ToWorker::Stats`.
-    Stats {
-        heap_used_bytes: u64,
+    Stats(WorkerStats),
+    /// The storage writes of the turns since the last `Writes` (durable rooms only). Every
+    /// frame after it waits in the gateway until these are durable (the output gate).
+    Writes {
+        puts: Vec<(String, String)>,
+        deletes: Vec<String>,
+        /// `Some(None)` deletes the alarm.
+        alarm: Option<Option<u64>>,
+        /// What the room stores in all, after these writes.
+        stored_bytes: u64,
     },
+}
+
+/// A runtime's figures, for operators and for hibernation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStats {
+    pub heap_used_bytes: u64,
+    /// Timers armed (`setTimeout`, `setInterval`): a room with any is not idle.
+    pub timers: u32,
+    /// Async calls and `Beam.call`s not settled yet.
+    pub pending: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,10 +12,10 @@ use std::process::ExitCode;
 use std::rc::Rc;
 use std::time::Instant;
 
-use engine::Engine;
+use engine::{Durable, Engine, RoomInit};
 use pipe::{Incoming, Pipe};
 
-use crate::wire::{FromWorker, ToWorker, DEFAULT_MAX_FRAME_BYTES, PARENT_PID_ENV};
+use crate::wire::{FromWorker, StorageInit, ToWorker, DEFAULT_MAX_FRAME_BYTES, PARENT_PID_ENV};
 
 pub fn main() -> ExitCode {
     match run() {
@@ -31,16 +31,36 @@ fn run() -> io::Result<()> {
     die_with_gateway()?;
     let io = Rc::new(Pipe::from_stdio()?);
 
-    let (room_id, kind, script_name, script, limits, settings) = match io.read(None)? {
-        Incoming::Frame(ToWorker::Start { room_id, kind, script_name, script, limits, settings }) => {
-            (room_id, kind, script_name, script, limits, settings)
-        }
+    let (room_id, kind, script_name, script, limits, settings, epoch, storage) = match io.read(None)? {
+        Incoming::Frame(ToWorker::Start {
+            room_id,
+            kind,
+            script_name,
+            script,
+            limits,
+            settings,
+            epoch,
+            storage,
+        }) => (room_id, kind, script_name, script, limits, settings, epoch, storage),
         Incoming::Closed => return Ok(()),
         other => return Err(protocol_error(format!("expected Start, got {other:?}"))),
     };
     io.set_max_frame_bytes(usize::try_from(limits.max_frame_bytes).unwrap_or(DEFAULT_MAX_FRAME_BYTES));
+    let storage = match storage {
+        Some(init) => Some(restore(&io, init)?),
+        None => None,
+    };
+    let room = RoomInit {
+        room_id: &room_id,
+        kind: &kind,
+        script_name: &script_name,
+        script: &script,
+        settings_json: &settings,
+        epoch,
+        storage,
+    };
 
-    let engine = match Engine::start(&room_id, &kind, &script_name, &script, &limits, &settings, io.clone()) {
+    let engine = match Engine::start(&room, &limits, io.clone()) {
         Ok(engine) => engine,
         Err(error) => {
             io.send(FromWorker::StartFailed(error));
@@ -59,20 +79,33 @@ fn run() -> io::Result<()> {
             Incoming::Frame(ToWorker::Call { id, function, args }) => engine.call(id, &function, &args),
             Incoming::Frame(ToWorker::HostReply { id, result }) => engine.settle_host_call(id, result),
             Incoming::Frame(ToWorker::Deliver { channel, data }) => engine.deliver(&channel, &data),
-            Incoming::Frame(ToWorker::Stats) => {
-                io.send(FromWorker::Stats { heap_used_bytes: engine.heap_used_bytes() })
-            }
+            Incoming::Frame(ToWorker::Stats) => io.send(FromWorker::Stats(engine.stats())),
             Incoming::Frame(ToWorker::Shutdown) | Incoming::Closed => break,
-            Incoming::Frame(ToWorker::Start { .. }) => {
-                return Err(protocol_error("a second Start frame".to_owned()))
+            Incoming::Frame(ToWorker::Start { .. } | ToWorker::Restore { .. }) => {
+                return Err(protocol_error("Start or Restore after the start".to_owned()))
             }
             Incoming::TimedOut => {}
         }
+        // Each turn's writes apart, so the gateway holds only what they caused.
+        io.seal();
         if timer_due.is_some_and(|due| due <= Instant::now()) {
             engine.run_due_timers();
+            io.seal();
         }
     }
     Ok(())
+}
+
+/// Reads a durable room's entries, which follow `Start` in `init.chunks` frames.
+fn restore(io: &Pipe, init: StorageInit) -> io::Result<Durable> {
+    let mut entries = Vec::new();
+    for _ in 0..init.chunks {
+        match io.read(None)? {
+            Incoming::Frame(ToWorker::Restore { entries: chunk }) => entries.extend(chunk),
+            other => return Err(protocol_error(format!("expected Restore, got {other:?}"))),
+        }
+    }
+    Ok(Durable { alarm_at: init.alarm_at, max_bytes: init.max_bytes, entries })
 }
 
 fn protocol_error(message: String) -> io::Error {

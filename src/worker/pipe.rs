@@ -3,7 +3,7 @@
 //! calls out through.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::io::{self, Read as _, Write as _};
 use std::os::fd::{AsFd, OwnedFd};
@@ -45,6 +45,40 @@ pub(super) struct Pipe {
     pub(super) backlog: RefCell<VecDeque<ToWorker>>,
     next_host_call: Cell<u64>,
     pub(super) closed: Cell<bool>,
+    /// Storage writes not yet sealed into a `Writes` frame.
+    writes: RefCell<TurnWrites>,
+    /// Where in `pending` the frames not yet covered by a seal begin: a `Writes` frame sealed
+    /// now goes there, ahead of every frame the same turns produced.
+    sealed: Cell<usize>,
+    max_frame_bytes: Cell<usize>,
+    /// What the room stores in all, as the script last counted it.
+    stored_bytes: Cell<u64>,
+}
+
+/// The writes of the turns since the last seal; a key written twice keeps its last value.
+#[derive(Default)]
+struct TurnWrites {
+    /// `None`: deleted.
+    keys: BTreeMap<String, Option<String>>,
+    alarm: Option<Option<u64>>,
+    bytes: usize,
+}
+
+impl TurnWrites {
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.alarm.is_none()
+    }
+
+    fn into_frame(self, stored_bytes: u64) -> FromWorker {
+        let (mut puts, mut deletes) = (Vec::new(), Vec::new());
+        for (key, value) in self.keys {
+            match value {
+                Some(value) => puts.push((key, value)),
+                None => deletes.push(key),
+            }
+        }
+        FromWorker::Writes { puts, deletes, alarm: self.alarm, stored_bytes }
+    }
 }
 
 impl Pipe {
@@ -64,11 +98,42 @@ impl Pipe {
             backlog: RefCell::new(VecDeque::new()),
             next_host_call: Cell::new(1),
             closed: Cell::new(false),
+            writes: RefCell::new(TurnWrites::default()),
+            sealed: Cell::new(0),
+            max_frame_bytes: Cell::new(DEFAULT_MAX_FRAME_BYTES),
+            stored_bytes: Cell::new(0),
         })
     }
 
     pub(super) fn set_max_frame_bytes(&self, max: usize) {
         *self.codec.borrow_mut() = WorkerCodec::new(max);
+        self.max_frame_bytes.set(max);
+    }
+
+    /// Ends the writes of the turns run since the last seal: if they wrote, their `Writes`
+    /// frame goes ahead of every frame they produced, so that the gateway holds those frames
+    /// until the writes are durable.
+    pub(super) fn seal(&self) {
+        let writes = std::mem::take(&mut *self.writes.borrow_mut());
+        let mut pending = self.pending.borrow_mut();
+        if !writes.is_empty() {
+            let mut frame = BytesMut::new();
+            if let Err(e) =
+                self.codec.borrow_mut().encode(writes.into_frame(self.stored_bytes.get()), &mut frame)
+            {
+                // Cannot happen under the per-turn cap; should it, the turns' effects must not
+                // leave without their writes, and this runtime's memory no longer matches the
+                // store: end it, and the gateway restarts the room from what is stored.
+                eprintln!("room-worker {}: cannot send storage writes: {e}", std::process::id());
+                pending.truncate(self.sealed.get());
+                self.closed.set(true);
+                return;
+            }
+            let effects = pending.split_off(self.sealed.get());
+            pending.extend_from_slice(&frame);
+            pending.extend_from_slice(&effects);
+        }
+        self.sealed.set(pending.len());
     }
 
     /// The next frame, or `TimedOut` once `deadline` passes.
@@ -124,6 +189,8 @@ impl Pipe {
 
     /// Writes every queued frame.
     pub(super) fn flush(&self) {
+        self.seal();
+        self.sealed.set(0);
         let mut pending = self.pending.borrow_mut();
         if pending.is_empty() {
             return;
@@ -239,5 +306,30 @@ impl Host for Pipe {
 
     fn reply(&self, call_id: u64, result: Result<String, ScriptError>) {
         self.send(FromWorker::Reply { id: call_id, result });
+    }
+
+    fn storage_put(&self, key: &str, value_json: &str, stored_bytes: u64) -> Result<(), String> {
+        let mut writes = self.writes.borrow_mut();
+        // Half a frame: the turn's writes must fit in one, with room to spare.
+        let cap = self.max_frame_bytes.get() / 2;
+        let bytes = writes.bytes + key.len() + value_json.len();
+        if bytes > cap {
+            return Err(format!("one turn may write at most {cap} bytes to storage"));
+        }
+        writes.bytes = bytes;
+        self.stored_bytes.set(stored_bytes);
+        writes.keys.insert(key.to_owned(), Some(value_json.to_owned()));
+        Ok(())
+    }
+
+    fn storage_delete(&self, key: &str, stored_bytes: u64) {
+        let mut writes = self.writes.borrow_mut();
+        writes.bytes += key.len();
+        self.stored_bytes.set(stored_bytes);
+        writes.keys.insert(key.to_owned(), None);
+    }
+
+    fn set_alarm(&self, at: Option<u64>) {
+        self.writes.borrow_mut().alarm = Some(at);
     }
 }

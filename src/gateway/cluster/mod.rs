@@ -125,6 +125,8 @@ impl Cluster {
                 started_at: None,
                 subscribers: self.inner.pubsub.socket_count(&room.topic()),
                 calls: None,
+                durable: supervisor.is_durable(),
+                stored_bytes: None,
             });
         }
         rooms.sort_by(|a, b| (&a.kind, &a.id).cmp(&(&b.kind, &b.id)));

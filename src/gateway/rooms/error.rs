@@ -33,6 +33,9 @@ pub enum RoomError {
     Placement(PlacementError),
     /// In a cluster: another node holds the room's lease.
     OwnedElsewhere,
+    /// A durable room's store failed (full, read-only, unreachable): what the call did was
+    /// not kept, and nothing it caused was sent. The cause is in the log.
+    StorageUnavailable,
 }
 
 /// Why the cluster could not say where a room runs, or reach it there.
@@ -83,6 +86,7 @@ impl RoomError {
             RoomError::Placement(PlacementError::Remote(reason)) => reason.clone(),
             RoomError::Placement(e) => format!("room unavailable: {e}"),
             RoomError::OwnedElsewhere => "room is owned by another node".to_owned(),
+            RoomError::StorageUnavailable => "storage unavailable".to_owned(),
         }
     }
 

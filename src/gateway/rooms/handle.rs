@@ -14,6 +14,7 @@ use super::error::RoomError;
 use super::shares::ClientId;
 use crate::gateway::ids::{RoomId, RuntimeId};
 use crate::util::epoch_ms;
+use crate::wire::WorkerStats;
 
 /// How a worker ended.
 #[derive(Debug, Clone)]
@@ -27,11 +28,17 @@ pub enum ExitReason {
     Unresponsive,
     /// Killed by the gateway for a reason of its own (start-up timeout, shutdown grace over).
     Killed(&'static str),
+    /// A durable room's writes could not be stored: its runtime's memory no longer matches
+    /// the store, so it is ended and the room starts again from what is stored (as Durable
+    /// Objects reset an object whose write failed). Not the script's fault, not a crash.
+    StorageFailed(String),
+    /// A durable room idle past `--room-idle-ms` was stopped; it starts on its next use.
+    Hibernated,
 }
 
 impl ExitReason {
     pub fn is_crash(&self) -> bool {
-        !matches!(self, ExitReason::Requested)
+        !matches!(self, ExitReason::Requested | ExitReason::StorageFailed(_) | ExitReason::Hibernated)
     }
 }
 
@@ -43,6 +50,8 @@ impl std::fmt::Display for ExitReason {
             ExitReason::ProtocolViolation(why) => write!(f, "protocol violation: {why}"),
             ExitReason::Unresponsive => f.write_str("unresponsive past the hard timeout"),
             ExitReason::Killed(why) => write!(f, "killed: {why}"),
+            ExitReason::StorageFailed(why) => write!(f, "stopped: its writes could not be stored ({why})"),
+            ExitReason::Hibernated => f.write_str("hibernated"),
         }
     }
 }
@@ -62,8 +71,8 @@ pub struct ExitReport {
 /// What a handle asks of the room's actor.
 pub(crate) enum Request {
     Call(Call),
-    /// The worker's JS heap in use, for operators.
-    Stats(oneshot::Sender<u64>),
+    /// The worker's heap, timers and pending calls, for operators and hibernation.
+    Stats(oneshot::Sender<WorkerStats>),
     Shutdown,
 }
 
@@ -89,6 +98,10 @@ pub struct RoomHandle {
     /// When a caller last asked for this room (ms since the epoch): the least recently used
     /// idle room is the one evicted when the room limit is reached.
     last_used_ms: Arc<AtomicU64>,
+    /// What a durable room stores, as its last committed writes said.
+    stored_bytes: Arc<AtomicU64>,
+    /// Whether the room keeps its state in storage.
+    pub durable: bool,
     call_timeout: Duration,
 }
 
@@ -124,12 +137,17 @@ impl RoomHandle {
         result
     }
 
-    /// The bytes of JS heap the room's runtime uses; `None` if it does not answer within
+    /// The runtime's heap, timers and pending calls; `None` if it does not answer within
     /// `within` (it is busy, or gone).
-    pub async fn heap_used_bytes(&self, within: Duration) -> Option<u64> {
+    pub async fn stats(&self, within: Duration) -> Option<WorkerStats> {
         let (reply, answer) = oneshot::channel();
         self.commands.try_send(Request::Stats(reply)).ok()?;
         timeout(within, answer).await.ok()?.ok()
+    }
+
+    /// Bytes the room stores (durable rooms; 0 for transient ones).
+    pub fn stored_bytes(&self) -> u64 {
+        self.stored_bytes.load(Ordering::Relaxed)
     }
 
     /// Asks the worker to finish; it exits once it has drained what it was sent.
@@ -163,6 +181,7 @@ pub(crate) struct HandleEnds {
     pub commands: mpsc::Receiver<Request>,
     pub kill: CancellationToken,
     pub calls: Arc<AtomicU64>,
+    pub stored_bytes: Arc<AtomicU64>,
 }
 
 impl RoomHandle {
@@ -174,10 +193,12 @@ impl RoomHandle {
         pid: u32,
         call_timeout: Duration,
         max_queued: usize,
+        durable: bool,
     ) -> (RoomHandle, HandleEnds) {
         let (commands_tx, commands) = mpsc::channel(max_queued.max(1));
         let kill = CancellationToken::new();
         let calls = Arc::new(AtomicU64::new(0));
+        let stored_bytes = Arc::new(AtomicU64::new(0));
         let started_at_ms = epoch_ms();
         let handle = RoomHandle {
             room,
@@ -188,8 +209,10 @@ impl RoomHandle {
             kill: kill.clone(),
             calls: calls.clone(),
             last_used_ms: Arc::new(AtomicU64::new(started_at_ms)),
+            stored_bytes: stored_bytes.clone(),
+            durable,
             call_timeout,
         };
-        (handle, HandleEnds { commands, kill, calls })
+        (handle, HandleEnds { commands, kill, calls, stored_bytes })
     }
 }

@@ -18,6 +18,7 @@ use super::process;
 use crate::gateway::config::Config;
 use crate::gateway::ids::{RoomId, RuntimeId};
 use crate::gateway::pubsub::PubSub;
+use crate::gateway::storage::Storage;
 use crate::wire::{RuntimeLimits, ScriptError, PARENT_PID_ENV};
 
 /// Starts one runtime of a room.
@@ -38,6 +39,7 @@ pub(crate) struct ProcessLauncher {
     pub config: Arc<Config>,
     pub pubsub: Arc<PubSub>,
     pub consoles: Consoles,
+    pub storage: Option<Storage>,
 }
 
 impl Launcher for ProcessLauncher {
@@ -66,6 +68,7 @@ impl Launcher for ProcessLauncher {
             call_timeout: config.call_timeout(),
             hard_timeout: config.hard_timeout(),
             max_queued_calls: config.max_queued_calls,
+            storage: self.storage.clone(),
         };
         let (handle, ready, actor) = spawn(spec, self.pubsub.clone()).map_err(|e| {
             tracing::error!(room = %room, "cannot start a room worker: {e}");
@@ -79,7 +82,7 @@ impl Launcher for ProcessLauncher {
 }
 
 /// Everything needed to start one runtime.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RoomSpec {
     pub room: RoomId,
     /// Unique per start; tells a restarted room's worker from the one it replaces.
@@ -97,6 +100,8 @@ pub struct RoomSpec {
     pub hard_timeout: Duration,
     /// Calls that may wait for the room before more are refused as `room busy`.
     pub max_queued_calls: usize,
+    /// Where a durable room's state lives; `None` for a transient room.
+    pub storage: Option<Storage>,
 }
 
 /// Starts the worker process and its actor. The returned future is the actor: it must be

@@ -5,6 +5,7 @@
 mod calls;
 mod console;
 mod crashes;
+mod durable;
 mod error;
 mod fair;
 mod handle;

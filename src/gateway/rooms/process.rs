@@ -6,7 +6,7 @@
 //! BroadcastChannel posts through the PubSub, kills the worker on a protocol violation or
 //! when a call stays unanswered past the hard limit, and always reaps it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::future::Future;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,8 +29,9 @@ use super::stdin::{Refused, Stdin};
 use crate::gateway::ids::RoomId;
 use crate::gateway::phoenix::{self, NEW_MESSAGE};
 use crate::gateway::pubsub::{ChannelMessage, PubSub};
+use crate::gateway::storage::{next_epoch, Batch, Reply, StorageError};
 use crate::util::LockExt;
-use crate::wire::{FromWorker, GatewayCodec, LogLevel, ToWorker};
+use crate::wire::{FromWorker, GatewayCodec, LogLevel, StorageInit, ToWorker, WorkerStats};
 
 /// BroadcastChannel messages queued for one runtime before further ones are dropped.
 const DELIVERY_QUEUE: usize = 1024;
@@ -43,6 +44,8 @@ const CALLS_AT_THE_WORKER: usize = 8;
 const SHARES_OF_THE_QUEUE: usize = 16;
 /// Heap readings asked of a worker and not yet answered; more are not asked.
 const MAX_STATS_WAITING: usize = 4;
+/// A durable room's entries go to its new worker in frames of at most this many bytes.
+const RESTORE_CHUNK_BYTES: u64 = 1024 * 1024;
 
 /// Builds the actor for a worker just spawned. The returned future is the actor: it must be
 /// polled (spawned) for the room to work, and resolves once the worker is gone and reaped.
@@ -59,8 +62,15 @@ pub(super) fn start(
     };
     tokio::spawn(forward_stderr(spec.room.clone(), pid, stderr));
 
-    let (handle, HandleEnds { commands, kill, calls }) =
-        RoomHandle::new(spec.room.clone(), spec.runtime, pid, spec.call_timeout, spec.max_queued_calls);
+    let durable = spec.storage.is_some();
+    let (handle, HandleEnds { commands, kill, calls, stored_bytes }) = RoomHandle::new(
+        spec.room.clone(),
+        spec.runtime,
+        pid,
+        spec.call_timeout,
+        spec.max_queued_calls,
+        durable,
+    );
     let (inbox_tx, inbox) = mpsc::channel(DELIVERY_QUEUE);
     let (ready_tx, ready) = oneshot::channel();
     let max_frame = usize::try_from(spec.limits.max_frame_bytes).unwrap_or(usize::MAX);
@@ -86,7 +96,9 @@ pub(super) fn start(
         last_answer_at: Instant::now(),
         waiting: FairQueue::new((spec.max_queued_calls / SHARES_OF_THE_QUEUE).max(1)),
         draining: false,
-        stats_waiting: std::collections::VecDeque::new(),
+        stats_waiting: VecDeque::new(),
+        gate: VecDeque::new(),
+        stored_bytes,
         topic: spec.room.topic(),
         spec,
     };
@@ -128,8 +140,37 @@ struct Actor {
     waiting: FairQueue<Call>,
     /// Shutdown was asked for: no more calls are taken.
     draining: bool,
-    /// Operators waiting for the worker's heap figure, in the order asked.
-    stats_waiting: std::collections::VecDeque<oneshot::Sender<u64>>,
+    /// Operators waiting for the worker's figures, in the order asked.
+    stats_waiting: VecDeque<oneshot::Sender<WorkerStats>>,
+    /// The output gate of a durable room: the worker's frames after a `Writes`, held (in
+    /// order) until those writes are durable. Empty for a transient room.
+    gate: VecDeque<Held>,
+    /// What the room stores, for `/api/rooms`.
+    stored_bytes: Arc<AtomicU64>,
+}
+
+/// What the output gate holds.
+enum Held {
+    /// Writes sent to the store: the frames behind them wait for this answer.
+    Commit {
+        answer: Reply<()>,
+        alarm: Option<Option<u64>>,
+        deadline: Instant,
+    },
+    Frame(FromWorker),
+}
+
+/// The answer to the commit at the front of the gate; pending while the front is a frame or
+/// the gate is empty.
+async fn front_commit(gate: &mut VecDeque<Held>) -> Result<(), StorageError> {
+    let Some(Held::Commit { answer, deadline, .. }) = gate.front_mut() else {
+        return std::future::pending().await;
+    };
+    match tokio::time::timeout_at(*deadline, answer).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(StorageError::Failed("the store stopped".to_owned())),
+        Err(_) => Err(StorageError::Failed("the store did not answer in time".to_owned())),
+    }
 }
 
 /// A frame from the worker that breaks the protocol; the worker is killed for it.
@@ -139,17 +180,18 @@ impl Actor {
     async fn run(mut self) -> ExitReport {
         let room = self.spec.room.clone();
         tracing::info!(room = %room, pid = self.pid, runtime = %self.spec.runtime, "room worker started");
-        let start = ToWorker::Start {
-            room_id: room.as_str().to_owned(),
-            kind: room.kind().to_owned(),
-            script_name: self.spec.script_name.clone(),
-            script: std::mem::take(&mut self.spec.script),
-            limits: self.spec.limits,
-            settings: std::mem::take(&mut self.spec.settings),
-        };
-        let reason = match self.send(start) {
+        let reason = match self.start_worker().await {
             Ok(()) => self.event_loop().await,
             Err(reason) => reason,
+        };
+        // Writes already with the store still count: what they held back goes out if they
+        // are stored, and is failed if not.
+        if !matches!(reason, ExitReason::StorageFailed(_)) {
+            self.settle_gate_after_exit().await;
+        }
+        let unanswered = match reason {
+            ExitReason::StorageFailed(_) => RoomError::StorageUnavailable,
+            _ => RoomError::WorkerExited,
         };
         let still_running = !matches!(reason, ExitReason::Exited(_) | ExitReason::Requested);
         if still_running {
@@ -163,10 +205,10 @@ impl Actor {
         };
         let was_ready = self.became_ready;
         if let Some(ready) = self.ready.take() {
-            let _ = ready.send(Err(RoomError::WorkerExited));
+            let _ = ready.send(Err(unanswered.clone()));
         }
         for (_, call) in std::mem::take(&mut self.in_flight) {
-            let _ = call.reply.send(Err(RoomError::WorkerExited));
+            let _ = call.reply.send(Err(unanswered.clone()));
         }
         for call in self.waiting.drain() {
             let _ = call.reply.send(Err(RoomError::WorkerExited));
@@ -180,6 +222,53 @@ impl Actor {
             tracing::info!(room = %room, pid = self.pid, "room worker {reason}");
         }
         ExitReport { room, runtime: self.spec.runtime, pid: self.pid, reason, was_ready }
+    }
+
+    /// Sends the worker its room: `Start`, and a durable room's entries after it.
+    async fn start_worker(&mut self) -> Result<(), ExitReason> {
+        let room = self.spec.room.clone();
+        let mut restore = Vec::new();
+        let (epoch, storage) = match &self.spec.storage {
+            None => (next_epoch(0), None),
+            Some(storage) => {
+                let loaded =
+                    match tokio::time::timeout(self.spec.hard_timeout, storage.store.load(&room)).await {
+                        Ok(Ok(loaded)) => loaded,
+                        Ok(Err(_)) => Err(StorageError::Failed("the store stopped".to_owned())),
+                        Err(_) => Err(StorageError::Failed("the store did not answer in time".to_owned())),
+                    };
+                let data = loaded.map_err(|e| {
+                    tracing::error!(room = %room, "cannot load the room's storage: {e}");
+                    ExitReason::StorageFailed(e.to_string())
+                })?;
+                let stored: usize = data.entries.iter().map(|(k, v)| k.len() + v.len()).sum();
+                self.stored_bytes.store(stored as u64, Ordering::Relaxed);
+                let chunk_bytes =
+                    (self.spec.limits.max_frame_bytes / 2).clamp(1024, RESTORE_CHUNK_BYTES) as usize;
+                restore = chunks(data.entries, chunk_bytes);
+                let init = StorageInit {
+                    alarm_at: data.alarm_at,
+                    max_bytes: storage.room_max_bytes,
+                    chunks: u32::try_from(restore.len()).unwrap_or(u32::MAX),
+                };
+                (data.epoch, Some(init))
+            }
+        };
+        let start = ToWorker::Start {
+            room_id: room.as_str().to_owned(),
+            kind: room.kind().to_owned(),
+            script_name: self.spec.script_name.clone(),
+            script: std::mem::take(&mut self.spec.script),
+            limits: self.spec.limits,
+            settings: std::mem::take(&mut self.spec.settings),
+            epoch,
+            storage,
+        };
+        self.send(start)?;
+        for entries in restore {
+            self.send(ToWorker::Restore { entries })?;
+        }
+        Ok(())
     }
 
     async fn event_loop(&mut self) -> ExitReason {
@@ -206,9 +295,17 @@ impl Actor {
                 () = self.kill.cancelled() => return ExitReason::Killed("asked to stop"),
                 () = sleep_until_opt(unresponsive_at) => return ExitReason::Unresponsive,
                 () = stalled.cancelled() => return ExitReason::Unresponsive,
+                committed = front_commit(&mut self.gate) => {
+                    if let Err(e) = committed {
+                        return self.storage_failed(e);
+                    }
+                    if let Err(Violation(why)) = self.open_gate() {
+                        return ExitReason::ProtocolViolation(why);
+                    }
+                }
                 frame = self.reader.next() => match frame {
                     Some(Ok(frame)) => {
-                        if let Err(Violation(why)) = self.handle_frame(frame) {
+                        if let Err(Violation(why)) = self.on_frame(frame) {
                             return ExitReason::ProtocolViolation(why);
                         }
                     }
@@ -259,7 +356,7 @@ impl Actor {
     async fn drain_frames(&mut self) -> Result<(), Violation> {
         while let Ok(Some(frame)) = timeout(self.spec.hard_timeout, self.reader.next()).await {
             let frame = frame.map_err(|e| Violation(e.to_string()))?;
-            self.handle_frame(frame)?;
+            self.on_frame(frame)?;
         }
         Ok(())
     }
@@ -309,6 +406,83 @@ impl Actor {
     /// unread is not reading at all.
     fn send(&self, frame: ToWorker) -> Result<(), ExitReason> {
         self.stdin.send(frame).map_err(|Refused::Full| ExitReason::Unresponsive)
+    }
+
+    /// A frame from the worker, through the output gate: behind writes not yet durable, it
+    /// waits. Log lines and operators' figures are not effects of a turn, and never wait.
+    fn on_frame(&mut self, frame: FromWorker) -> Result<(), Violation> {
+        match frame {
+            FromWorker::Writes { puts, deletes, alarm, stored_bytes } => {
+                let Some(storage) = &self.spec.storage else {
+                    return Err(Violation("storage writes from a transient room".to_owned()));
+                };
+                self.stored_bytes.store(stored_bytes, Ordering::Relaxed);
+                let answer = storage.store.commit(&self.spec.room, Batch { puts, deletes, alarm });
+                let deadline = Instant::now() + self.spec.hard_timeout;
+                self.gate.push_back(Held::Commit { answer, alarm, deadline });
+                Ok(())
+            }
+            frame @ (FromWorker::Log { .. } | FromWorker::Stats(_)) => self.handle_frame(frame),
+            frame if self.gate.is_empty() => self.handle_frame(frame),
+            frame => {
+                self.gate.push_back(Held::Frame(frame));
+                Ok(())
+            }
+        }
+    }
+
+    /// The commit at the front of the gate is durable: its alarm goes on the schedule, and
+    /// the frames behind it go out, up to the next commit.
+    fn open_gate(&mut self) -> Result<(), Violation> {
+        if let Some(Held::Commit { alarm: Some(alarm), .. }) = self.gate.pop_front() {
+            if let Some(storage) = &self.spec.storage {
+                storage.alarms.set(&self.spec.room, alarm);
+            }
+        }
+        while let Some(Held::Frame(_)) = self.gate.front() {
+            if let Some(Held::Frame(frame)) = self.gate.pop_front() {
+                self.handle_frame(frame)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The store refused the room's writes: nothing they caused goes out, the calls that made
+    /// them hear `storage unavailable`, and the worker is ended (its memory holds what the
+    /// store does not).
+    fn storage_failed(&mut self, error: StorageError) -> ExitReason {
+        tracing::error!(room = %self.spec.room, pid = self.pid, "{error}; ending the worker, the room restarts from what is stored");
+        ::metrics::counter!(crate::gateway::metrics::STORAGE_FAILURES).increment(1);
+        for held in std::mem::take(&mut self.gate) {
+            if let Held::Frame(FromWorker::Reply { id, .. }) = held {
+                if let Some(call) = self.in_flight.remove(&id) {
+                    let _ = call.reply.send(Err(RoomError::StorageUnavailable));
+                }
+            }
+        }
+        ExitReason::StorageFailed(error.to_string())
+    }
+
+    /// After the worker is gone: waits for the commits already with the store, lets out what
+    /// each held back once it is durable, and fails the rest if one is not.
+    async fn settle_gate_after_exit(&mut self) {
+        while !self.gate.is_empty() {
+            if let Some(Held::Frame(_)) = self.gate.front() {
+                if let Some(Held::Frame(frame)) = self.gate.pop_front() {
+                    let _ = self.handle_frame(frame);
+                }
+                continue;
+            }
+            match front_commit(&mut self.gate).await {
+                Ok(()) => {
+                    let _ = self.open_gate();
+                }
+                Err(e) => {
+                    self.storage_failed(e);
+                    return;
+                }
+            }
+        }
     }
 
     fn handle_frame(&mut self, frame: FromWorker) -> Result<(), Violation> {
@@ -376,11 +550,12 @@ impl Actor {
                 self.pubsub.unsubscribe_runtime(&channel, self.spec.runtime);
                 self.channels.remove(&channel);
             }
-            FromWorker::Stats { heap_used_bytes } => {
+            FromWorker::Stats(stats) => {
                 let waiting =
                     self.stats_waiting.pop_front().ok_or_else(|| Violation("unasked stats".to_owned()))?;
-                let _ = waiting.send(heap_used_bytes);
+                let _ = waiting.send(stats);
             }
+            FromWorker::Writes { .. } => return Err(Violation("writes past the output gate".to_owned())),
             FromWorker::Log { level, message } => {
                 self.spec.console.lock_or_recover().push(self.pid, level, &message);
                 let (room, pid) = (&self.spec.room, self.pid);
@@ -411,6 +586,25 @@ impl Actor {
             other => Err(format!("no host handler named \"{other}\"")),
         }
     }
+}
+
+/// Splits a room's entries into `Restore` frames of about `max_bytes` each.
+fn chunks(entries: Vec<(String, String)>, max_bytes: usize) -> Vec<Vec<(String, String)>> {
+    let mut chunks = Vec::new();
+    let (mut chunk, mut bytes) = (Vec::new(), 0);
+    for (key, value) in entries {
+        let size = key.len() + value.len() + 16;
+        if bytes + size > max_bytes && !chunk.is_empty() {
+            chunks.push(std::mem::take(&mut chunk));
+            bytes = 0;
+        }
+        bytes += size;
+        chunk.push((key, value));
+    }
+    if !chunk.is_empty() {
+        chunks.push(chunk);
+    }
+    chunks
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

@@ -5,7 +5,7 @@
 //! refused for a cool-down), and tells the room's subscribers with `room_reset`. The next use
 //! starts a fresh runtime. In a cluster, a [`Placement`] says where each room runs.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -28,6 +28,7 @@ use crate::gateway::ids::{NodeId, RoomId, RuntimeId};
 use crate::gateway::metrics;
 use crate::gateway::phoenix::{self, ROOM_RESET};
 use crate::gateway::pubsub::PubSub;
+use crate::gateway::storage::Storage;
 use crate::util::LockExt;
 
 type StartOutcome = Option<Result<RoomHandle, RoomError>>;
@@ -45,10 +46,11 @@ pub(super) struct State {
     pub(super) rooms: HashMap<RoomId, Slot>,
     /// Every worker not yet reaped, by runtime, so shutdown can reach starting ones too.
     workers: HashMap<RuntimeId, RoomHandle>,
-    /// Runtimes stopped to make room at the limit, until they are reaped (for the exit's label).
-    evicted: HashSet<RuntimeId>,
+    /// Runtimes stopped on purpose (to make room at the limit: "evicted"; idle durable rooms:
+    /// "hibernated"), until they are reaped: the exit's label.
+    pub(super) stopped: HashMap<RuntimeId, &'static str>,
     crashes: CrashGuard,
-    shares: Shares,
+    pub(super) shares: Shares,
     shutting_down: bool,
 }
 
@@ -67,6 +69,10 @@ pub struct RoomInfo {
     /// Sockets of this node joined to the room.
     pub subscribers: usize,
     pub calls: Option<u64>,
+    /// Whether the room keeps its state in storage (`--data-dir`).
+    pub durable: bool,
+    /// Bytes the room stores (keys and JSON values); null for a transient room.
+    pub stored_bytes: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -76,7 +82,7 @@ pub struct Supervisor {
 
 pub(super) struct Inner {
     pub(super) config: Arc<Config>,
-    pubsub: Arc<PubSub>,
+    pub(super) pubsub: Arc<PubSub>,
     launcher: Box<dyn Launcher>,
     pub(super) placement: Option<Arc<dyn Placement>>,
     /// This node's name in `/api/rooms`.
@@ -86,23 +92,31 @@ pub(super) struct Inner {
     monitors: TaskTracker,
     /// Each room's recent console lines, which the launcher's workers fill.
     consoles: Consoles,
+    /// Where durable rooms keep their state; `None`: every room is transient.
+    storage: Option<Storage>,
 }
 
 impl Supervisor {
     pub fn new(config: Arc<Config>, pubsub: Arc<PubSub>) -> Supervisor {
-        Supervisor::with_placement(config, pubsub, None)
+        Supervisor::with_placement(config, pubsub, None, None)
     }
 
-    /// A supervisor that, in a cluster, runs a room only where `placement` says.
+    /// A supervisor that, in a cluster, runs a room only where `placement` says, and keeps
+    /// durable rooms' state in `storage`.
     pub fn with_placement(
         config: Arc<Config>,
         pubsub: Arc<PubSub>,
         placement: Option<Arc<dyn Placement>>,
+        storage: Option<Storage>,
     ) -> Supervisor {
         let consoles = Consoles::default();
-        let launcher =
-            ProcessLauncher { config: config.clone(), pubsub: pubsub.clone(), consoles: consoles.clone() };
-        Supervisor::with_launcher(config, pubsub, placement, Box::new(launcher), consoles)
+        let launcher = ProcessLauncher {
+            config: config.clone(),
+            pubsub: pubsub.clone(),
+            consoles: consoles.clone(),
+            storage: storage.clone(),
+        };
+        Supervisor::with_launcher(config, pubsub, placement, Box::new(launcher), consoles, storage)
     }
 
     pub(crate) fn with_launcher(
@@ -111,13 +125,14 @@ impl Supervisor {
         placement: Option<Arc<dyn Placement>>,
         launcher: Box<dyn Launcher>,
         consoles: Consoles,
+        storage: Option<Storage>,
     ) -> Supervisor {
         let node = placement.as_ref().map(|p| p.node().clone()).unwrap_or_else(NodeId::local);
         let crashes = CrashGuard::new(config.crash_limit, config.crash_window(), config.crash_cooldown());
         let state = State {
             rooms: HashMap::new(),
             workers: HashMap::new(),
-            evicted: HashSet::new(),
+            stopped: HashMap::new(),
             crashes,
             shares: Shares::default(),
             shutting_down: false,
@@ -133,6 +148,7 @@ impl Supervisor {
                 next_runtime: AtomicU64::new(RuntimeId::FIRST.get()),
                 monitors: TaskTracker::new(),
                 consoles,
+                storage,
             }),
         }
     }
@@ -143,6 +159,15 @@ impl Supervisor {
 
     pub fn node(&self) -> &NodeId {
         &self.inner.node
+    }
+
+    /// Whether rooms keep their state (`--data-dir`): a restarted room comes back with it.
+    pub fn is_durable(&self) -> bool {
+        self.inner.storage.is_some()
+    }
+
+    pub fn storage(&self) -> Option<&Storage> {
+        self.inner.storage.as_ref()
     }
 
     /// The room's live worker, started now if it has none.
@@ -201,6 +226,8 @@ impl Supervisor {
                     started_at: Some(handle.started_at_ms),
                     subscribers: self.inner.pubsub.socket_count(&id.topic()),
                     calls: Some(handle.calls()),
+                    durable: handle.durable,
+                    stored_bytes: handle.durable.then(|| handle.stored_bytes()),
                 }),
                 Slot::Starting { .. } => None,
             })
@@ -336,7 +363,7 @@ impl Supervisor {
                         &topic,
                         &join.conn,
                         ROOM_RESET,
-                        &RoomReset::restarted(detail, &response),
+                        &RoomReset::restarted(detail, &response, self.is_durable()),
                     );
                     taken += 1;
                 }
@@ -375,7 +402,7 @@ impl Supervisor {
             .cloned();
         let Some(victim) = victim else { return false };
         state.rooms.remove(&victim.room);
-        state.evicted.insert(victim.runtime);
+        state.stopped.insert(victim.runtime, "evicted");
         self.inner.consoles.forget(&victim.room);
         state.shares.forget(&victim.room);
         tracing::info!(
@@ -434,8 +461,8 @@ impl Supervisor {
         let crashed = report.reason.is_crash() && report.was_ready;
         {
             let mut state = self.lock();
-            let evicted = state.evicted.remove(&report.runtime);
-            ::metrics::counter!(metrics::WORKER_EXITS, "reason" => exit_label(&report.reason, evicted))
+            let stopped = state.stopped.remove(&report.runtime);
+            ::metrics::counter!(metrics::WORKER_EXITS, "reason" => exit_label(&report.reason, stopped))
                 .increment(1);
             state.workers.remove(&report.runtime);
             state.shares.ended(report.runtime);
@@ -457,7 +484,10 @@ impl Supervisor {
                 state.crashes.record(&report.room, Instant::now());
             }
         }
-        if crashed {
+        // A room whose writes failed restarts like a crashed one, without counting as one:
+        // it did nothing wrong, and its clients go on with what is stored.
+        let storage_failed = matches!(report.reason, ExitReason::StorageFailed(_)) && report.was_ready;
+        if crashed || storage_failed {
             self.restart_after_crash(&report.room, report.reason.to_string());
         }
     }
@@ -466,8 +496,9 @@ impl Supervisor {
     /// get their new join responses (see `replay_joins`); one nobody is in waits for its
     /// next use. Either way its clients hear `room_reset`.
     fn restart_after_crash(&self, room: &RoomId, detail: String) {
+        let restored = self.is_durable();
         if self.inner.pubsub.joins(&room.topic()).is_empty() {
-            announce_reset(&self.inner.pubsub, room, &detail);
+            announce_reset(&self.inner.pubsub, room, &detail, restored);
             return;
         }
         let started = {
@@ -481,7 +512,7 @@ impl Supervisor {
         if let Err(error) = started {
             // Crash-looping, say: the joins stay, and the next start replays them.
             tracing::info!(room = %room, "not restarting at once: {}", error.detail());
-            announce_reset(&self.inner.pubsub, room, &detail);
+            announce_reset(&self.inner.pubsub, room, &detail, restored);
         }
     }
 
@@ -491,11 +522,12 @@ impl Supervisor {
 }
 
 /// The `reason` label of `roomvisor_worker_exits_total`.
-fn exit_label(reason: &ExitReason, evicted: bool) -> &'static str {
+fn exit_label(reason: &ExitReason, stopped: Option<&'static str>) -> &'static str {
     use std::os::unix::process::ExitStatusExt;
     match reason {
-        ExitReason::Requested if evicted => "evicted",
-        ExitReason::Requested => "normal",
+        ExitReason::Requested => stopped.unwrap_or("normal"),
+        ExitReason::StorageFailed(_) => "storage",
+        ExitReason::Hibernated => "hibernated",
         ExitReason::Exited(status) if status.signal().is_some() => "killed",
         ExitReason::Exited(_) => "crash",
         ExitReason::ProtocolViolation(_) => "protocol_violation",
@@ -507,9 +539,10 @@ fn exit_label(reason: &ExitReason, evicted: bool) -> &'static str {
 /// Tells this node's subscribers of the room that its runtime is gone (`room_reset`), so a
 /// client knows the room's state started over. Each node tells its own subscribers: a reset
 /// is never relayed through the cluster.
-pub fn announce_reset(pubsub: &PubSub, id: &RoomId, detail: &str) {
+/// `restored`: the room is durable, and comes back with what it stored.
+pub fn announce_reset(pubsub: &PubSub, id: &RoomId, detail: &str, restored: bool) {
     let topic = id.topic();
-    let payload = serde_json::json!({"reason": RoomError::WorkerExited.reason(), "detail": detail});
+    let payload = serde_json::json!({"reason": RoomError::WorkerExited.reason(), "detail": detail, "restored": restored});
     let frame = phoenix::push(None, &topic, ROOM_RESET, &payload);
     let told = pubsub.broadcast_local(&topic, &frame);
     tracing::info!(room = %id, "room reset ({detail}); told {told} subscribers");

@@ -37,7 +37,7 @@ struct StandIn {
 impl Launcher for StandIn {
     fn launch(&self, room: &RoomId, runtime: RuntimeId) -> Result<Launched, RoomError> {
         self.launches.fetch_add(1, Ordering::SeqCst);
-        let (handle, ends) = RoomHandle::new(room.clone(), runtime, 0, Duration::from_secs(5), 64);
+        let (handle, ends) = RoomHandle::new(room.clone(), runtime, 0, Duration::from_secs(5), 64, false);
         let (ready_tx, ready) = oneshot::channel();
         let actor = run_stand_in(room.clone(), runtime, self.behaviour, self.start_delay, ends, ready_tx);
         Ok(Launched { handle, ready, actor: Box::pin(actor) })
@@ -72,7 +72,7 @@ async fn run_stand_in(
                     let _ = call.reply.send(Ok(format!("\"{}\"", call.function)));
                 }
                 Some(Request::Stats(reply)) => {
-                    let _ = reply.send(0);
+                    let _ = reply.send(Default::default());
                 }
                 Some(Request::Shutdown) | None => return report(ExitReason::Requested, true),
             },
@@ -89,6 +89,7 @@ fn supervisor(behaviour: Behaviour, start_delay: Duration, config: Config) -> (S
         None,
         Box::new(launcher),
         Default::default(),
+        None,
     );
     (supervisor, launches)
 }

@@ -177,7 +177,8 @@ impl Channel {
         let args = hooks::join_args(&self.join.conn, self.join.user.as_deref(), &self.join.params);
         match self.call(hooks::JOIN, args).await {
             Ok(response) => {
-                let reset = RoomReset::restarted("the room restarted", &response);
+                let reset =
+                    RoomReset::restarted("the room restarted", &response, self.ctx.supervisor.is_durable());
                 self.outbox.send(phoenix::push(
                     self.join.join_ref.as_deref(),
                     &self.topic,

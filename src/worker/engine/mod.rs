@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use rquickjs::context::EvalOptions;
 use rquickjs::{CatchResultExt, Context, Function, Object, Persistent, Runtime};
 
-use crate::wire::{LogLevel, RuntimeLimits, ScriptError, ScriptErrorKind};
+use crate::wire::{LogLevel, RuntimeLimits, ScriptError, ScriptErrorKind, WorkerStats};
 use errors::{describe_value, script_error_from_value, timeout_error, to_script_error, with_location};
 use natives::natives;
 
@@ -42,6 +42,12 @@ pub trait Host {
     fn subscribe(&self, channel: &str);
     fn unsubscribe(&self, channel: &str);
     fn log(&self, level: LogLevel, message: &str);
+    /// `Room.storage.put`: `stored_bytes` is what the room holds with it. Fails when one turn
+    /// writes more than a frame can carry.
+    fn storage_put(&self, key: &str, value_json: &str, stored_bytes: u64) -> Result<(), String>;
+    fn storage_delete(&self, key: &str, stored_bytes: u64);
+    /// `Room.setAlarm` / `Room.deleteAlarm` (`None`).
+    fn set_alarm(&self, at: Option<u64>);
     /// The outcome of [`Engine::call`], possibly after the call's promise settled.
     fn reply(&self, call_id: u64, result: Result<String, ScriptError>);
 }
@@ -80,6 +86,44 @@ fn thread_cpu_time() -> Duration {
         .unwrap_or_default()
 }
 
+/// What a room's runtime is started with.
+pub struct RoomInit<'a> {
+    pub room_id: &'a str,
+    pub kind: &'a str,
+    pub script_name: &'a str,
+    pub script: &'a str,
+    /// `Room.settings`, as JSON.
+    pub settings_json: &'a str,
+    pub epoch: u64,
+    /// A durable room's storage, as stored; `None` for a transient room.
+    pub storage: Option<Durable>,
+}
+
+/// A durable room's storage as the runtime starts with it.
+pub struct Durable {
+    pub alarm_at: Option<u64>,
+    pub max_bytes: u64,
+    /// Keys and JSON values.
+    pub entries: Vec<(String, String)>,
+}
+
+/// The prelude's view of a durable room's storage: keys and values as two arrays (the values
+/// stay JSON text until read), its alarm (-1 for none) and its size limit.
+fn durable_object<'js>(ctx: &rquickjs::Ctx<'js>, durable: &Durable) -> rquickjs::Result<Object<'js>> {
+    let object = Object::new(ctx.clone())?;
+    let keys = rquickjs::Array::new(ctx.clone())?;
+    let values = rquickjs::Array::new(ctx.clone())?;
+    for (i, (key, value)) in durable.entries.iter().enumerate() {
+        keys.set(i, key.as_str())?;
+        values.set(i, value.as_str())?;
+    }
+    object.set("keys", keys)?;
+    object.set("values", values)?;
+    object.set("alarmAt", durable.alarm_at.map_or(-1.0, |at| at as f64))?;
+    object.set("maxBytes", durable.max_bytes as f64)?;
+    Ok(object)
+}
+
 /// Fields drop in declaration order, and QuickJS asserts that no object outlives its runtime:
 /// the hooks go first, the runtime last.
 pub struct Engine {
@@ -93,12 +137,8 @@ pub struct Engine {
 impl Engine {
     /// Creates the runtime, installs the API and evaluates the room script.
     pub fn start(
-        room_id: &str,
-        kind: &str,
-        script_name: &str,
-        script: &str,
+        room: &RoomInit<'_>,
         limits: &RuntimeLimits,
-        settings_json: &str,
         host: Rc<dyn Host>,
     ) -> Result<Engine, ScriptError> {
         let setup_error = |e: rquickjs::Error| ScriptError::exception(format!("engine setup: {e}"));
@@ -130,11 +170,15 @@ impl Engine {
                 .eval_with_options(PRELUDE, eval_options("prelude.js", true))
                 .catch(&ctx)
                 .map_err(|e| to_script_error(e, &budget))?;
+            let durable = match &room.storage {
+                Some(durable) => Some(durable_object(&ctx, durable).map_err(setup_error)?),
+                None => None,
+            };
             let hooks: Object = install
-                .call((natives, room_id, kind, settings_json))
+                .call((natives, room.room_id, room.kind, room.settings_json, room.epoch as f64, durable))
                 .catch(&ctx)
                 .map_err(|e| to_script_error(e, &budget))?;
-            ctx.eval_with_options::<(), _>(script, eval_options(script_name, false))
+            ctx.eval_with_options::<(), _>(room.script, eval_options(room.script_name, false))
                 .catch(&ctx)
                 .map_err(|e| with_location(to_script_error(e, &budget)))?;
             Ok(Persistent::save(&ctx, hooks))
@@ -204,9 +248,17 @@ impl Engine {
         }
     }
 
-    /// Bytes of JS heap in use, as the engine counts them.
-    pub fn heap_used_bytes(&self) -> u64 {
-        u64::try_from(self.runtime.memory_usage().memory_used_size).unwrap_or_default()
+    /// The runtime's heap in use, timers armed and calls not settled.
+    pub fn stats(&self) -> WorkerStats {
+        let heap_used_bytes = u64::try_from(self.runtime.memory_usage().memory_used_size).unwrap_or_default();
+        let counts = self.context.with(|ctx| -> rquickjs::Result<Vec<u32>> {
+            let hooks = self.hooks.clone().restore(&ctx)?;
+            let stats: Function = hooks.get("stats")?;
+            stats.call(())
+        });
+        let counts = counts.unwrap_or_default();
+        let count = |i: usize| counts.get(i).copied().unwrap_or_default();
+        WorkerStats { heap_used_bytes, timers: count(0), pending: count(1) }
     }
 
     /// When the next timer is due, if any is armed.

@@ -74,6 +74,24 @@ pub(super) fn natives<'js>(ctx: &Ctx<'js>, host: Rc<dyn Host>) -> rquickjs::Resu
     )?;
     let h = host.clone();
     natives.set(
+        "storagePut",
+        Function::new(ctx.clone(), move |ctx: Ctx<'js>, key: String, json: String, stored: f64| {
+            h.storage_put(&key, &json, stored as u64)
+                .map_err(|message| rquickjs::Exception::throw_range(&ctx, &message))
+        })?,
+    )?;
+    let h = host.clone();
+    natives.set(
+        "storageDelete",
+        Function::new(ctx.clone(), move |key: String, stored: f64| h.storage_delete(&key, stored as u64))?,
+    )?;
+    let h = host.clone();
+    natives.set(
+        "setAlarm",
+        Function::new(ctx.clone(), move |at: f64| h.set_alarm((at >= 0.0).then_some(at as u64)))?,
+    )?;
+    let h = host.clone();
+    natives.set(
         "replyOk",
         Function::new(ctx.clone(), move |id: f64, json: String| h.reply(id as u64, Ok(json)))?,
     )?;

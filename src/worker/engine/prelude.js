@@ -2,7 +2,7 @@
 // on a handful of natives. Evaluated before the room script as a function expression: it
 // installs the globals and returns the hooks the Rust event loop drives. Nothing here is
 // engine-specific, so a V8 backend can reuse it unchanged.
-(function (native, roomId, roomKind, settingsJson) {
+(function (native, roomId, roomKind, settingsJson, epoch, durable) {
   "use strict";
 
   const toJson = (value) => {
@@ -75,13 +75,146 @@
     return (Array.isArray(except) ? except : [except]).map(String);
   };
 
+  // ---- storage and alarms (durable rooms, design section 10) ----
+  // Served from memory: the gateway loaded every entry before the script ran. Values stay
+  // JSON text until read, so a read hands out a fresh copy that the caller may change freely.
+  // Each write goes to the gateway with the turn's others, and nothing the turn causes
+  // leaves the gateway before they are durable.
+  const MAX_KEY_BYTES = 2048;
+  const MAX_VALUE_BYTES = 128 * 1024;
+
+  const utf8Length = (text) => {
+    let n = text.length;
+    for (let i = 0; i < text.length; i++) {
+      const c = text.charCodeAt(i);
+      // Two bytes below U+0800, three above; a surrogate pair is four, two per unit.
+      if (c >= 0x80) n += c < 0x800 || (c >= 0xd800 && c <= 0xdfff) ? 1 : 2;
+    }
+    return n;
+  };
+
+  const makeStorage = (init) => {
+    const entries = new Map();
+    let storedBytes = 0;
+    for (let i = 0; i < init.keys.length; i++) {
+      entries.set(init.keys[i], init.values[i]);
+      storedBytes += utf8Length(init.keys[i]) + utf8Length(init.values[i]);
+    }
+    // Sorted keys for list(), kept until a key comes or goes.
+    let sortedKeys = null;
+
+    const checkKey = (key) => {
+      if (typeof key !== "string") throw new TypeError("storage keys are strings");
+      if (utf8Length(key) > MAX_KEY_BYTES) throw new RangeError(`storage keys are at most ${MAX_KEY_BYTES} bytes`);
+      return key;
+    };
+    const read = (key) => {
+      const json = entries.get(checkKey(key));
+      return json === undefined ? undefined : JSON.parse(json);
+    };
+    const write = (key, value) => {
+      checkKey(key);
+      if (value === undefined) throw new TypeError("storage values cannot be undefined; use delete()");
+      const json = JSON.stringify(value);
+      if (json === undefined) throw new TypeError("storage values must be JSON-serializable");
+      const size = utf8Length(json);
+      if (size > MAX_VALUE_BYTES) throw new RangeError(`storage values are at most ${MAX_VALUE_BYTES} bytes`);
+      const old = entries.get(key);
+      const keyBytes = utf8Length(key);
+      const after = storedBytes + size + (old === undefined ? keyBytes : -utf8Length(old));
+      if (after > init.maxBytes) throw new RangeError(`room storage is full (${init.maxBytes} bytes)`);
+      // The native first: if it refuses, memory is as it was.
+      native.storagePut(key, json, after);
+      if (old === undefined) sortedKeys = null;
+      entries.set(key, json);
+      storedBytes = after;
+    };
+    const remove = (key) => {
+      const old = entries.get(checkKey(key));
+      if (old === undefined) return false;
+      storedBytes -= utf8Length(key) + utf8Length(old);
+      entries.delete(key);
+      sortedKeys = null;
+      native.storageDelete(key, storedBytes);
+      return true;
+    };
+    return Object.freeze({
+      get(keys) {
+        if (!Array.isArray(keys)) return read(keys);
+        const found = new Map();
+        for (const key of keys) {
+          const value = read(key);
+          if (value !== undefined) found.set(key, value);
+        }
+        return found;
+      },
+      put(key, value) {
+        if (typeof key === "object" && key !== null && value === undefined) {
+          for (const [k, v] of Object.entries(key)) write(k, v);
+          return;
+        }
+        write(key, value);
+      },
+      delete(keys) {
+        if (!Array.isArray(keys)) return remove(keys);
+        let n = 0;
+        for (const key of keys) if (remove(key)) n++;
+        return n;
+      },
+      // Keys in order (UTF-16 code units, as JavaScript compares strings), as a Map.
+      list(options) {
+        const { prefix = "", start, end, limit, reverse = false } = options ?? {};
+        if (sortedKeys === null) sortedKeys = [...entries.keys()].sort();
+        const keys = reverse ? [...sortedKeys].reverse() : sortedKeys;
+        const max = limit === undefined ? Infinity : Math.max(0, Math.floor(Number(limit)));
+        const found = new Map();
+        for (const key of keys) {
+          if (found.size >= max) break;
+          if (!key.startsWith(prefix)) continue;
+          if (start !== undefined && key < start) continue;
+          if (end !== undefined && key >= end) continue;
+          found.set(key, JSON.parse(entries.get(key)));
+        }
+        return found;
+      },
+      get bytes() {
+        return storedBytes;
+      },
+    });
+  };
+
+  const storage = durable === undefined || durable === null ? undefined : makeStorage(durable);
+  let alarmAt = storage !== undefined && durable.alarmAt >= 0 ? durable.alarmAt : null;
+  const requireDurable = (what) => {
+    if (storage === undefined) throw new Error(`${what} needs a durable room (start the gateway with --data-dir)`);
+  };
+
   define(
     "Room",
     Object.freeze({
       id: roomId,
       kind: roomKind,
       topic: roomKind + ":" + roomId,
+      epoch,
+      storage,
       settings: Object.freeze(JSON.parse(settingsJson)),
+      setAlarm(when) {
+        requireDurable("Room.setAlarm");
+        const at = when instanceof Date ? when.getTime() : Number(when);
+        if (!Number.isFinite(at)) throw new TypeError("Room.setAlarm takes a time in ms since the epoch, or a Date");
+        alarmAt = Math.max(0, Math.floor(at));
+        native.setAlarm(alarmAt);
+      },
+      getAlarm() {
+        requireDurable("Room.getAlarm");
+        return alarmAt;
+      },
+      deleteAlarm() {
+        requireDurable("Room.deleteAlarm");
+        if (alarmAt === null) return;
+        alarmAt = null;
+        native.setAlarm(-1);
+      },
       refuse(reason) {
         throw new Refusal(reason === undefined ? "refused" : String(reason));
       },
@@ -432,6 +565,28 @@
         onEvent === undefined ? () => defaultEvent(conn, event, payload) : () => onEvent(conn, event, payload);
       settle(callId, body, orEmpty, nothing);
     },
+    // A due alarm. The gateway names the time it fired for: an alarm changed since is not
+    // run. One that succeeds is deleted unless onAlarm set another; one that fails stays,
+    // and the gateway tries again.
+    "@alarm"(callId, [at]) {
+      const onAlarm = hookFn("onAlarm");
+      if (alarmAt === null || alarmAt !== at || onAlarm === undefined) {
+        if (alarmAt !== null && alarmAt === at) {
+          alarmAt = null;
+          native.setAlarm(-1);
+        }
+        replyValue(callId, { ran: false });
+        return;
+      }
+      const ran = () => {
+        if (alarmAt === at) {
+          alarmAt = null;
+          native.setAlarm(-1);
+        }
+        return { ran: true };
+      };
+      settle(callId, () => onAlarm(), ran, nothing);
+    },
     "@leave"(callId, [id, why]) {
       const conn = conns.get(id);
       conns.delete(id);
@@ -468,5 +623,8 @@
 
   const timerWatermark = () => nextTimerId;
 
-  return { invoke, deliver, settleHostCall, runDueTimer, nextTimerAt, timerWatermark, abandonPendingCalls };
+  // What keeps a room from hibernating: armed timers, and calls or host calls not settled.
+  const stats = () => [timers.size, pendingCalls.size + pendingHostCalls.size];
+
+  return { invoke, deliver, settleHostCall, runDueTimer, nextTimerAt, timerWatermark, abandonPendingCalls, stats };
 });

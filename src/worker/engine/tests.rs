@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use super::{Engine, Host};
+use super::{Engine, Host, RoomInit};
 use crate::wire::{LogLevel, RuntimeLimits, ScriptError, ScriptErrorKind};
 
 #[derive(Default)]
@@ -61,6 +61,19 @@ impl Host for StandInHost {
     fn reply(&self, call_id: u64, result: Result<String, ScriptError>) {
         self.replies.borrow_mut().push((call_id, result));
     }
+
+    fn storage_put(&self, key: &str, value_json: &str, _stored_bytes: u64) -> Result<(), String> {
+        self.host_calls.borrow_mut().push(("put".to_owned(), format!("{key} {value_json}")));
+        Ok(())
+    }
+
+    fn storage_delete(&self, key: &str, _stored_bytes: u64) {
+        self.host_calls.borrow_mut().push(("delete".to_owned(), key.to_owned()));
+    }
+
+    fn set_alarm(&self, at: Option<u64>) {
+        self.host_calls.borrow_mut().push(("alarm".to_owned(), format!("{at:?}")));
+    }
 }
 
 const SETTINGS: &str = r#"{"historyOnJoin":2,"maxSenderChars":5,"maxTextChars":10}"#;
@@ -69,7 +82,16 @@ fn start(script: &str, cpu_ms: u64) -> Result<(Engine, Rc<StandInHost>), ScriptE
     let host = Rc::new(StandInHost::default());
     let limits =
         RuntimeLimits { heap_bytes: 32 * 1024 * 1024, cpu_ms_per_call: cpu_ms, max_frame_bytes: 1 << 20 };
-    let engine = Engine::start("test-room", "game", "room.js", script, &limits, SETTINGS, host.clone())?;
+    let room = RoomInit {
+        room_id: "test-room",
+        kind: "game",
+        script_name: "room.js",
+        script,
+        settings_json: SETTINGS,
+        epoch: 7,
+        storage: None,
+    };
+    let engine = Engine::start(&room, &limits, host.clone())?;
     Ok((engine, host))
 }
 
