@@ -201,7 +201,9 @@ async fn killing_a_worker_restarts_the_room_at_once_and_replays_its_joins() {
         assert_eq!(reset[2], "room:phoenix");
         assert_eq!(reset[4]["reason"], "room worker exited");
         assert!(reset[4]["detail"].as_str().unwrap_or_default().contains("signal: 9"), "{reset}");
-        assert_eq!(reset[4]["response"], json!({"messages": []}), "{reset}");
+        assert_eq!(reset[4]["response"]["messages"], json!([]), "{reset}");
+        assert_eq!(reset[4]["response"]["resumed"], false, "{reset}");
+        assert_eq!(reset[4]["restored"], false, "a transient room keeps nothing: {reset}");
     }
     // The exit line for exactly this pid (not its start line, not pid=123 for pid=12), which
     // the gateway writes once it has reaped the worker.

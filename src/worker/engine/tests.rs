@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use super::{Engine, Host, RoomInit};
+use super::{Durable, Engine, Host, RoomInit};
 use crate::wire::{LogLevel, RuntimeLimits, ScriptError, ScriptErrorKind};
 
 #[derive(Default)]
@@ -293,4 +293,144 @@ fn an_async_get_history_answers_the_join_once_it_settles() {
     let (engine, host) = start(script, 1_000).unwrap();
     engine.call(1, "@join", r#"["a",null,{}]"#);
     assert_eq!(reply_to(&host, 1), Ok(r#"{"messages":["m",2]}"#.to_owned()));
+}
+
+fn start_durable(script: &str, entries: &[(&str, &str)], max_bytes: u64) -> (Engine, Rc<StandInHost>) {
+    let host = Rc::new(StandInHost::default());
+    let limits =
+        RuntimeLimits { heap_bytes: 32 * 1024 * 1024, cpu_ms_per_call: 1_000, max_frame_bytes: 1 << 20 };
+    let storage = Durable {
+        alarm_at: None,
+        max_bytes,
+        entries: entries.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    };
+    let room = RoomInit {
+        room_id: "test-room",
+        kind: "room",
+        script_name: "room.js",
+        script,
+        settings_json: SETTINGS,
+        epoch: 7,
+        storage: Some(storage),
+    };
+    let engine = Engine::start(&room, &limits, host.clone()).expect("the script starts");
+    (engine, host)
+}
+
+fn call_ok(engine: &Engine, host: &StandInHost, function: &str, args: &str) -> serde_json::Value {
+    engine.call(99, function, args);
+    let (id, result) = last_reply(host);
+    assert_eq!(id, 99);
+    serde_json::from_str(&result.unwrap_or_else(|e| panic!("{function} failed: {e:?}"))).unwrap()
+}
+
+#[test]
+fn a_transient_room_has_an_epoch_and_no_storage() {
+    let script = "function probe() { return [Room.epoch, typeof Room.storage]; }
+                  function alarm() { Room.setAlarm(Date.now()); }";
+    let (engine, host) = start(script, 1_000).unwrap();
+    engine.call(1, "probe", "[]");
+    assert_eq!(last_reply(&host), (1, Ok(r#"[7,"undefined"]"#.to_owned())));
+    engine.call(2, "alarm", "[]");
+    let error = last_reply(&host).1.unwrap_err();
+    assert!(error.message.contains("needs a durable room"), "{error:?}");
+}
+
+#[test]
+fn storage_reads_what_it_was_started_with_and_lists_in_key_order() {
+    let script = r#"
+        function list(options) { return [...Room.storage.list(options)]; }
+        function get(key) { return Room.storage.get(key); }
+    "#;
+    let entries = [("b", "2"), ("a:1", r#"{"n":1}"#), ("a:2", r#"{"n":2}"#), ("a:3", r#"{"n":3}"#)];
+    let (engine, host) = start_durable(script, &entries, 1 << 20);
+    assert_eq!(call_ok(&engine, &host, "get", r#"["a:2"]"#), serde_json::json!({"n": 2}));
+    assert_eq!(call_ok(&engine, &host, "get", r#"["nope"]"#), serde_json::Value::Null);
+    let listed = call_ok(&engine, &host, "list", r#"[{"prefix": "a:"}]"#);
+    assert_eq!(listed, serde_json::json!([["a:1", {"n": 1}], ["a:2", {"n": 2}], ["a:3", {"n": 3}]]));
+    let page = call_ok(&engine, &host, "list", r#"[{"start": "a:2", "limit": 2}]"#);
+    assert_eq!(page, serde_json::json!([["a:2", {"n": 2}], ["a:3", {"n": 3}]]));
+    let backwards = call_ok(&engine, &host, "list", r#"[{"reverse": true, "limit": 1}]"#);
+    assert_eq!(backwards, serde_json::json!([["b", 2]]));
+}
+
+#[test]
+fn writes_reach_the_host_in_order_and_reads_are_copies() {
+    let script = r#"
+        function write() {
+          const value = { list: [1] };
+          Room.storage.put("k", value);
+          value.list.push(2);
+          const read = Room.storage.get("k");
+          read.list.push(3);
+          Room.storage.put({ x: 1, y: "two" });
+          return [Room.storage.get("k"), Room.storage.delete("x"), Room.storage.delete("missing"), Room.storage.bytes];
+        }
+    "#;
+    let (engine, host) = start_durable(script, &[], 1 << 20);
+    let result = call_ok(&engine, &host, "write", "[]");
+    assert_eq!(result[0], serde_json::json!({"list": [1]}), "what was put, not what was changed since");
+    assert_eq!(result[1], true);
+    assert_eq!(result[2], false);
+    assert_eq!(result[3], ("k".len() + r#"{"list":[1]}"#.len() + "y".len() + r#""two""#.len()) as u64);
+    let writes: Vec<(String, String)> =
+        host.host_calls.borrow().iter().filter(|(n, _)| n == "put" || n == "delete").cloned().collect();
+    let expected = [("put", r#"k {"list":[1]}"#), ("put", "x 1"), ("put", r#"y "two""#), ("delete", "x")];
+    assert_eq!(writes, expected.map(|(n, a)| (n.to_owned(), a.to_owned())));
+}
+
+#[test]
+fn bad_writes_throw_and_change_nothing() {
+    let script = r#"
+        function attempt(what) {
+          try {
+            if (what === "undefined") Room.storage.put("k", undefined);
+            if (what === "function") Room.storage.put("k", () => 1);
+            if (what === "key") Room.storage.put(42, 1);
+            if (what === "big") Room.storage.put("k", "x".repeat(200 * 1024));
+            if (what === "full") Room.storage.put("k", "x".repeat(900));
+            if (what === "second") Room.storage.put("k2", "x".repeat(900));
+          } catch (err) {
+            return [err.name, Room.storage.get("k") ?? null];
+          }
+          return "no error";
+        }
+    "#;
+    let (engine, host) = start_durable(script, &[], 1024);
+    for (what, name) in
+        [("undefined", "TypeError"), ("function", "TypeError"), ("key", "TypeError"), ("big", "RangeError")]
+    {
+        let result = call_ok(&engine, &host, "attempt", &format!("[\"{what}\"]"));
+        assert_eq!(result, serde_json::json!([name, null]), "{what}");
+    }
+    assert_eq!(call_ok(&engine, &host, "attempt", r#"["full"]"#), "no error");
+    let again = call_ok(&engine, &host, "attempt", r#"["full"]"#);
+    assert_eq!(again, "no error", "overwriting a key counts its new size, not both");
+    // A second 900-byte value does not fit in the room's 1,024 bytes beside the first.
+    assert_eq!(call_ok(&engine, &host, "attempt", r#"["second"]"#)[0], "RangeError");
+    assert_eq!(host.host_calls.borrow().iter().filter(|(n, _)| n == "put").count(), 2);
+}
+
+#[test]
+fn an_alarm_runs_on_alarm_once_and_is_deleted_unless_it_set_another() {
+    let script = r#"
+        let runs = 0;
+        function arm(at) { Room.setAlarm(at); return Room.getAlarm(); }
+        function onAlarm() { runs++; if (runs === 2) Room.setAlarm(5000); }
+        function state() { return [runs, Room.getAlarm()]; }
+    "#;
+    let (engine, host) = start_durable(script, &[], 1 << 20);
+    assert_eq!(call_ok(&engine, &host, "arm", "[1000]"), 1000);
+    // Fired for a time the room no longer has: not run.
+    assert_eq!(call_ok(&engine, &host, "@alarm", "[999]"), serde_json::json!({"ran": false}));
+    assert_eq!(call_ok(&engine, &host, "@alarm", "[1000]"), serde_json::json!({"ran": true}));
+    assert_eq!(call_ok(&engine, &host, "state", "[]"), serde_json::json!([1, null]));
+    // Fired twice (two nodes, say): the second finds it gone.
+    assert_eq!(call_ok(&engine, &host, "@alarm", "[1000]"), serde_json::json!({"ran": false}));
+    call_ok(&engine, &host, "arm", "[2000]");
+    call_ok(&engine, &host, "@alarm", "[2000]");
+    assert_eq!(call_ok(&engine, &host, "state", "[]"), serde_json::json!([2, 5000]), "the one it set stays");
+    let alarms: Vec<String> =
+        host.host_calls.borrow().iter().filter(|(n, _)| n == "alarm").map(|(_, a)| a.clone()).collect();
+    assert_eq!(alarms, ["Some(1000)", "None", "Some(2000)", "Some(5000)"]);
 }
