@@ -236,10 +236,26 @@ pub(super) fn same_secret(expected: &str, given: &str) -> bool {
 
 /// 200 with `"status": "ok"` when ready; 503 while shutting down or, in a cluster, while NATS
 /// is unreachable (rooms this node does not already run cannot be reached then).
+/// How long `/healthz` waits for the store to count its rooms.
+const STORAGE_HEALTH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn healthz(State(state): State<AppState>) -> Response {
     let supervisor = &state.socket.supervisor;
     let mut body = json!({ "status": "ok", "rooms": supervisor.live_room_count() });
     let mut ready = true;
+    if let Some(storage) = supervisor.storage() {
+        // Rooms that keep state, live or not: far more can exist than run.
+        let known = tokio::time::timeout(STORAGE_HEALTH_WAIT, storage.store.rooms(0)).await;
+        let stored = match known {
+            Ok(Ok(Ok((count, _)))) => json!(count),
+            _ => {
+                ready = false;
+                body["status"] = json!("storage unavailable");
+                json!(null)
+            }
+        };
+        body["storage"] = json!({ "rooms_stored": stored, "alarms": storage.alarms.len() });
+    }
     if let Some(cluster) = &state.cluster {
         let nats = if cluster.is_connected() { "connected" } else { "disconnected" };
         ready = cluster.is_ready();
