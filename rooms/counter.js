@@ -1,5 +1,6 @@
 // rooms/counter.js — run with: cargo run --bin gateway -- --room counter=rooms/counter.js
-let count = 0;
+// With --data-dir the count is stored: it survives kill -9 of the worker and of the gateway.
+let count = Room.storage?.get("count") ?? 0;
 function onJoin(conn, params) {
   if (!params.name) Room.refuse("a name, please");
   conn.assigns.name = params.name;
@@ -9,6 +10,7 @@ function onJoin(conn, params) {
 function onEvent(conn, event, payload) {
   if (event !== "add") Room.refuse("unknown event");
   count += 1;
+  Room.storage?.put("count", count); // durable before the broadcast and reply leave the gateway
   Room.broadcast("count", { count, by: conn.assigns.name });
   if (count % 10 === 0) Room.push(conn.id, "prize", { count });
   return { count };

@@ -378,3 +378,23 @@ async fn a_join_after_a_known_message_gets_exactly_the_ones_after_it() {
     assert_eq!(after["response"]["resumed"], true, "{after}");
     assert_eq!(after["response"]["messages"][0]["id"], ids[7]);
 }
+
+#[tokio::test]
+async fn the_readme_counter_keeps_its_count_across_kill_9() {
+    let data = DataDir::new("counter");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rooms/counter.js");
+    let gateway = start(&data, &["--room", &format!("counter={}", script.display())]);
+    let mut ann = gateway.connect().await;
+    let (ann_ref, _) = ann.join_with("counter:c", json!({"name": "ann"})).await;
+    for n in 1..=3 {
+        let msg_ref = ann.push(Some(&ann_ref), "counter:c", "add", json!({})).await;
+        assert_eq!(ann.reply_to(&msg_ref).await["response"], json!({"count": n}));
+    }
+    let pid = gateway.wait_room_pid("c");
+    kill9(pid);
+    let reset = ann.next_event("room_reset").await;
+    assert_eq!(reset[4]["restored"], true, "{reset}");
+    assert_eq!(reset[4]["response"]["count"], 3, "the new runtime read the stored count: {reset}");
+    let msg_ref = ann.push(Some(&ann_ref), "counter:c", "add", json!({})).await;
+    assert_eq!(ann.reply_to(&msg_ref).await["response"], json!({"count": 4}));
+}
