@@ -44,6 +44,9 @@ const CALLS_AT_THE_WORKER: usize = 8;
 const SHARES_OF_THE_QUEUE: usize = 16;
 /// Heap readings asked of a worker and not yet answered; more are not asked.
 const MAX_STATS_WAITING: usize = 4;
+/// Frames (commits among them) a durable room's output gate holds before the worker's
+/// output is left unread.
+const MAX_HELD: usize = 4096;
 /// A durable room's entries go to its new worker in frames of at most this many bytes.
 const RESTORE_CHUNK_BYTES: u64 = 1024 * 1024;
 
@@ -303,7 +306,9 @@ impl Actor {
                         return ExitReason::ProtocolViolation(why);
                     }
                 }
-                frame = self.reader.next() => match frame {
+                // A gate this full means the store is slower than the room writes: reading
+                // stops, the pipe fills, and the worker waits, rather than memory growing.
+                frame = self.reader.next(), if self.gate.len() < MAX_HELD => match frame {
                     Some(Ok(frame)) => {
                         if let Err(Violation(why)) = self.on_frame(frame) {
                             return ExitReason::ProtocolViolation(why);
