@@ -137,3 +137,34 @@ fn stat_lines_with_odd_command_names_parse() {
     assert_eq!(parse("42 () R 1 0"), Some((String::new(), 'R', 1)));
     assert_eq!(parse("42 (x"), None);
 }
+
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|fds| fds.count()).unwrap_or(0)
+}
+
+/// Each room costs the gateway one descriptor: the socket pair's end that carries its frames
+/// both ways (three pipes used to; descriptors, not memory, capped the rooms a gateway held).
+#[tokio::test]
+async fn each_room_costs_the_gateway_one_descriptor() {
+    let gateway = Gateway::start(&["--max-rooms-started-per-socket", "100"]);
+    let mut client = gateway.connect().await;
+    // The first room brings one-time descriptors of its own (the child reaper's, say).
+    client.join_ok("room:warm-up").await;
+    let before = open_descriptors(gateway.pid());
+    for n in 0..40 {
+        client.join_ok(&format!("room:fd-{n}")).await;
+    }
+    assert_eq!(common::workers_of(gateway.pid()).len(), 41);
+    let after = open_descriptors(gateway.pid());
+    assert_eq!(after - before, 40, "descriptors: {before} before 40 rooms, {after} after");
+    // A worker holds its end of the pair, the gateway's stderr, and nothing else.
+    let worker = common::workers_of(gateway.pid())[0].pid;
+    let target = |fd: &str| std::fs::read_link(format!("/proc/{worker}/fd/{fd}")).ok();
+    let (channel, stderr) = (target("0").expect("fd 0"), target("2").expect("fd 2"));
+    assert!(channel.to_string_lossy().starts_with("socket:"), "{channel:?}");
+    for entry in std::fs::read_dir(format!("/proc/{worker}/fd")).unwrap() {
+        let fd = entry.unwrap().file_name().into_string().unwrap();
+        let held = target(&fd).expect("a descriptor's target");
+        assert!(held == channel || held == stderr, "worker fd {fd} is {held:?}");
+    }
+}

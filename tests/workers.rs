@@ -1,5 +1,5 @@
 //! Workers that break the IPC contract (the design's gateway-worker IPC, section 3): garbage on
-//! stdout, a frame over the IPC limit, a reply to a call never made, an exit at start-up. Each
+//! their channel (the socket that is their fd 0), a frame over the IPC limit, a reply to a call never made, an exit at start-up. Each
 //! such worker is a shell script standing in for `room-worker` for one start; every other start
 //! runs the real worker, so the tests also show that nothing else is affected and that the room
 //! comes back.
@@ -13,8 +13,8 @@ use common::Gateway;
 use roomvisor::wire::{self, FromWorker};
 use serde_json::json;
 
-/// A stand-in `room-worker`: the `bad_start`-th start (1-based) writes `stdout_bytes` and then
-/// ignores its stdin (or exits at once with `exit_now`); every other start execs the real worker.
+/// A stand-in `room-worker`: the `bad_start`-th start (1-based) writes `stdout_bytes` to its
+/// channel (fd 0, a socket: written as well as read) and then ignores its input (or exits at once with `exit_now`); every other start execs the real worker.
 struct FakeWorker {
     dir: PathBuf,
 }
@@ -30,7 +30,7 @@ impl FakeWorker {
              echo start >> \"$dir/starts\"\n\
              if [ \"$(wc -l < \"$dir/starts\")\" -eq {bad_start} ]; then\n\
                echo $$ > \"$dir/pid\"\n\
-               cat \"$dir/stdout.bin\"\n\
+               cat \"$dir/stdout.bin\" >&0\n\
                {then}\n\
              fi\n\
              exec '{real}'\n",

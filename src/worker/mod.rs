@@ -29,6 +29,7 @@ pub fn main() -> ExitCode {
 
 fn run() -> io::Result<()> {
     die_with_gateway()?;
+    close_inherited_descriptors();
     let io = Rc::new(Pipe::from_stdio()?);
 
     let (room_id, kind, script_name, script, limits, settings, epoch, storage) = match io.read(None)? {
@@ -110,6 +111,19 @@ fn restore(io: &Pipe, init: StorageInit) -> io::Result<Durable> {
 
 fn protocol_error(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+/// Closes every descriptor but stdin, stdout and stderr: whatever the gateway's own parent
+/// left open without close-on-exec (a shell's, a test harness's pipe) has no business in a
+/// room's process, and would keep those open as long as any room runs.
+fn close_inherited_descriptors() {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else { return };
+    let fds: Vec<i32> =
+        entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).filter(|fd| *fd > 2).collect();
+    for fd in fds {
+        // The directory's own descriptor is among them, closed already by then: EBADF.
+        let _ = nix::unistd::close(fd);
+    }
 }
 
 /// `PR_SET_PDEATHSIG` kills this process when the gateway dies, even by `kill -9`.

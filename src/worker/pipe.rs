@@ -82,11 +82,12 @@ impl TurnWrites {
 }
 
 impl Pipe {
-    /// Takes stdin/stdout for frames, unbuffered (std's stdin buffer would hide bytes from
-    /// `poll`), and points fd 1 at stderr so a stray print can never corrupt the frame stream.
+    /// Takes fd 0, the worker's end of the socket pair the gateway made, for frames both
+    /// ways, unbuffered (std's stdin buffer would hide bytes from `poll`), and points fd 1 at
+    /// stderr (the gateway's own) so a stray print lands in the gateway's log.
     pub(super) fn from_stdio() -> io::Result<Pipe> {
         let input: OwnedFd = io::stdin().as_fd().try_clone_to_owned()?;
-        let output: OwnedFd = io::stdout().as_fd().try_clone_to_owned()?;
+        let output: OwnedFd = input.try_clone()?;
         nix::unistd::dup2_stdout(io::stderr().as_fd()).map_err(io::Error::from)?;
         Ok(Pipe {
             input: RefCell::new(File::from(input)),
@@ -213,7 +214,14 @@ impl Pipe {
         let mut codec = self.codec.borrow_mut();
         let mut pending = self.pending.borrow_mut();
         let Err(e) = codec.encode(frame, &mut pending) else { return };
-        eprintln!("room-worker {}: cannot send a frame: {e}", std::process::id());
+        // Into the gateway's log as a frame, under this room and pid.
+        let line = FromWorker::Log {
+            level: LogLevel::Error,
+            message: format!("room-worker cannot send a frame: {e}"),
+        };
+        if codec.encode(line, &mut pending).is_err() {
+            eprintln!("room-worker {}: cannot send a frame: {e}", std::process::id());
+        }
         if let Some(id) = reply_to {
             // Refused, not an exception: the script did nothing wrong, and the client hears why.
             let error = ScriptError {

@@ -8,7 +8,8 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::process::Command;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
 
 use super::console::{ConsoleLog, Consoles};
 use super::error::RoomError;
@@ -106,21 +107,33 @@ pub struct RoomSpec {
 
 /// Starts the worker process and its actor. The returned future is the actor: it must be
 /// polled (spawned) for the room to work, and resolves once the worker is gone and reaped.
+///
+/// One descriptor per worker in the gateway: a socket pair whose other end is the worker's
+/// fd 0 carries frames both ways (three pipes capped a gateway at about 5,000 rooms under a
+/// 20,000 descriptor limit). The script's console and the worker's own diagnostics travel as
+/// `Log` frames; what a worker writes to stderr before the frames are up (the loader, a panic)
+/// goes straight to the gateway's own stderr, which it inherits, so it lands in the same log.
 pub fn spawn(
     spec: RoomSpec,
     pubsub: Arc<PubSub>,
 ) -> std::io::Result<(RoomHandle, ReadySignal, impl Future<Output = ExitReport> + Send)> {
+    let (gateway_end, worker_end) = std::os::unix::net::UnixStream::pair()?;
     let mut command = Command::new(&spec.worker_path);
     command
         .arg0(spec.worker_argv0)
         .env(PARENT_PID_ENV, std::process::id().to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(worker_end)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
     // The child is spawned from a runtime worker thread that lives as long as the gateway:
     // PR_SET_PDEATHSIG fires when the spawning *thread* exits, so never spawn from
     // spawn_blocking, whose threads come and go.
     let child = command.spawn()?;
-    process::start(spec, child, pubsub)
+    // The worker's end closes here with the command, so that the gateway reads end of file
+    // once the worker is gone; the actor reaps it by pid (see `reap.rs`).
+    drop(command);
+    let pid = child.id();
+    gateway_end.set_nonblocking(true)?;
+    let channel = tokio::net::UnixStream::from_std(gateway_end)?;
+    process::start(spec, pid, channel, pubsub)
 }

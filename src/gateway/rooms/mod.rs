@@ -12,6 +12,7 @@ mod handle;
 mod launcher;
 mod placement;
 mod process;
+mod reap;
 mod shares;
 mod stdin;
 mod supervisor;

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use serde_json::value::RawValue;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStdout};
+use tokio::net::unix::OwnedReadHalf;
+use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout, Instant};
 use tokio_util::codec::FramedRead;
@@ -25,6 +25,7 @@ use super::error::RoomError;
 use super::fair::FairQueue;
 use super::handle::{Call, ExitReason, ExitReport, HandleEnds, ReadySignal, Request, RoomHandle};
 use super::launcher::RoomSpec;
+use super::reap::WorkerProcess;
 use super::stdin::{Refused, Stdin};
 use crate::gateway::ids::RoomId;
 use crate::gateway::phoenix::{self, NEW_MESSAGE};
@@ -54,16 +55,11 @@ const RESTORE_CHUNK_BYTES: u64 = 1024 * 1024;
 /// polled (spawned) for the room to work, and resolves once the worker is gone and reaped.
 pub(super) fn start(
     spec: RoomSpec,
-    mut child: Child,
+    pid: u32,
+    channel: UnixStream,
     pubsub: Arc<PubSub>,
 ) -> std::io::Result<(RoomHandle, ReadySignal, impl Future<Output = ExitReport> + Send)> {
-    let pid = child.id().unwrap_or_default();
-    let (Some(stdin), Some(stdout), Some(stderr)) =
-        (child.stdin.take(), child.stdout.take(), child.stderr.take())
-    else {
-        return Err(std::io::Error::other("worker started without piped stdio"));
-    };
-    tokio::spawn(forward_stderr(spec.room.clone(), pid, stderr));
+    let (from_worker, to_worker) = channel.into_split();
 
     let durable = spec.storage.is_some();
     let (handle, HandleEnds { commands, kill, calls, stored_bytes }) = RoomHandle::new(
@@ -78,9 +74,9 @@ pub(super) fn start(
     let (ready_tx, ready) = oneshot::channel();
     let max_frame = usize::try_from(spec.limits.max_frame_bytes).unwrap_or(usize::MAX);
     let actor = Actor {
-        stdin: Stdin::spawn(stdin, max_frame, spec.hard_timeout),
-        reader: FramedRead::new(stdout, GatewayCodec::new(max_frame)),
-        child,
+        stdin: Stdin::spawn(to_worker, max_frame, spec.hard_timeout),
+        reader: FramedRead::new(from_worker, GatewayCodec::new(max_frame)),
+        child: WorkerProcess::new(pid),
         pid,
         commands,
         inbox,
@@ -117,10 +113,10 @@ struct Actor {
     spec: RoomSpec,
     /// The room's topic, where its pushes and broadcasts go.
     topic: String,
-    child: Child,
+    child: WorkerProcess,
     pid: u32,
     stdin: Stdin,
-    reader: FramedRead<ChildStdout, GatewayCodec>,
+    reader: FramedRead<OwnedReadHalf, GatewayCodec>,
     commands: mpsc::Receiver<Request>,
     inbox: mpsc::Receiver<ChannelMessage>,
     inbox_tx: mpsc::Sender<ChannelMessage>,
@@ -198,7 +194,7 @@ impl Actor {
         };
         let still_running = !matches!(reason, ExitReason::Exited(_) | ExitReason::Requested);
         if still_running {
-            let _ = self.child.start_kill();
+            self.child.kill();
         }
         // Always reap, so that no exit leaves a zombie behind.
         let status = self.child.wait().await;
@@ -315,7 +311,7 @@ impl Actor {
                         }
                     }
                     Some(Err(e)) => return ExitReason::ProtocolViolation(e.to_string()),
-                    // stdout closed: the worker is on its way out; the wait branch sees it go.
+                    // End of file: the worker closed its end, which it does by exiting.
                     None => return self.await_exit().await,
                 },
                 // Calls wait here, a share per socket, and go to the worker a few at a time
@@ -346,24 +342,8 @@ impl Actor {
                         tracing::warn!(room = %self.spec.room, channel = %message.channel, "BroadcastChannel message dropped: the worker is not reading");
                     }
                 }
-                status = self.child.wait() => {
-                    if let Err(Violation(why)) = self.drain_frames().await {
-                        return ExitReason::ProtocolViolation(why);
-                    }
-                    return self.exit_reason(status);
-                }
             }
         }
-    }
-
-    /// Handles what the worker wrote before it exited; its stdout is closed, so this ends at
-    /// EOF (bounded anyway, in case a stray process inherited the pipe).
-    async fn drain_frames(&mut self) -> Result<(), Violation> {
-        while let Ok(Some(frame)) = timeout(self.spec.hard_timeout, self.reader.next()).await {
-            let frame = frame.map_err(|e| Violation(e.to_string()))?;
-            self.on_frame(frame)?;
-        }
-        Ok(())
     }
 
     async fn await_exit(&mut self) -> ExitReason {
@@ -616,14 +596,5 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
-    }
-}
-
-/// The worker's stderr carries its own diagnostics (not the script's console, which comes as
-/// frames); each line is logged under the room and pid.
-async fn forward_stderr(room: RoomId, pid: u32, stderr: tokio::process::ChildStderr) {
-    let mut lines = BufReader::new(stderr).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        tracing::warn!(room = %room, pid, "worker stderr: {line}");
     }
 }

@@ -1,12 +1,13 @@
-//! The task that writes a worker's stdin. The actor hands it frames and goes on reading the
-//! worker's stdout, so the two never wait on each other: a worker blocked writing a large
-//! answer to the gateway is read while the gateway's next frames wait here.
+//! The task that writes frames to a worker (its half of the socket pair the worker has as
+//! fd 0). The actor hands it frames and goes on reading the worker, so the two never wait on
+//! each other: a worker blocked writing a large answer to the gateway is read while the
+//! gateway's next frames wait here.
 
 use std::time::Duration;
 
 use futures_util::SinkExt;
+use tokio::io::AsyncWrite;
 use tokio::io::AsyncWriteExt;
-use tokio::process::ChildStdin;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_util::codec::FramedWrite;
@@ -34,7 +35,10 @@ pub(super) struct Stdin {
 }
 
 impl Stdin {
-    pub fn spawn(stdin: ChildStdin, max_frame_bytes: usize, hard_timeout: Duration) -> Stdin {
+    pub fn spawn<W>(stdin: W, max_frame_bytes: usize, hard_timeout: Duration) -> Stdin
+    where
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let (frames, queued) = mpsc::channel(STDIN_QUEUE);
         let stalled = CancellationToken::new();
         let writer = FramedWrite::new(stdin, GatewayCodec::new(max_frame_bytes));
@@ -61,7 +65,8 @@ impl Stdin {
         }
     }
 
-    /// No more frames: once the queue is written, stdin closes and the worker drains and exits.
+    /// No more frames: once the queue is written, the gateway shuts its writing side, and the
+    /// worker reads the end of its input, drains and exits.
     pub fn close(&mut self) {
         self.frames = None;
     }
@@ -71,8 +76,8 @@ impl Stdin {
     }
 }
 
-async fn write_frames(
-    mut writer: FramedWrite<ChildStdin, GatewayCodec>,
+async fn write_frames<W: AsyncWrite + Unpin>(
+    mut writer: FramedWrite<W, GatewayCodec>,
     mut queued: mpsc::Receiver<ToWorker>,
     hard_timeout: Duration,
     stalled: CancellationToken,
