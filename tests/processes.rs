@@ -168,3 +168,44 @@ async fn each_room_costs_the_gateway_one_descriptor() {
         assert!(held == channel || held == stderr, "worker fd {fd} is {held:?}");
     }
 }
+
+/// Under a low open-files limit the gateway starts rooms until only its reserve is left, then
+/// refuses the next ones with a clear reason, while sockets, `/healthz`, the admin API and the
+/// rooms already running keep working.
+#[tokio::test]
+async fn rooms_are_refused_before_the_descriptors_run_out() {
+    let wrapper = common::script_file(
+        "limited-gateway.sh",
+        &format!("#!/bin/sh\nulimit -n 400\nexec '{}' \"$@\"\n", env!("CARGO_BIN_EXE_gateway")),
+    );
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let flags =
+        ["--max-rooms-started-per-socket", "1000", "--rate-per-sec", "10000", "--rate-burst", "10000"];
+    let gateway = Gateway::start_binary(&wrapper, &flags);
+    let mut client = gateway.connect().await;
+    let (first_ref, _) = client.join_ok("room:kept").await;
+    let mut started = 1;
+    let refusal = loop {
+        let topic = format!("room:many-{started}");
+        let (join_ref, reply) = client.join(&topic).await;
+        if reply["status"] != "ok" {
+            break reply;
+        }
+        started += 1;
+        let msg_ref = client.push(Some(&join_ref), &topic, "phx_leave", json!({})).await;
+        client.reply_to(&msg_ref).await;
+        assert!(started < 400, "rooms kept starting past the open-files limit");
+    };
+    assert_eq!(refusal["response"]["reason"], "room unavailable: the server is at capacity", "{refusal}");
+    assert!(started > 150, "only {started} rooms under a limit of 400");
+    assert!(gateway.log_contains("kept for sockets and operators"), "the log gives the figures");
+    // What runs keeps working, and so do new sockets and the operators' endpoints.
+    let sent = client.send_message(&first_ref, "room:kept", "ann", "still here").await;
+    assert_eq!(sent["status"], "ok", "{sent}");
+    let health = gateway.get_json("/healthz");
+    assert_eq!(health["rooms"], started, "{health}");
+    let (status, _) = common::http_get(gateway.addr, "/api/admin/rooms", &[]);
+    assert_eq!(status, 200);
+    let mut late = gateway.connect().await;
+    late.join_ok("room:kept").await;
+}

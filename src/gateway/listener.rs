@@ -49,7 +49,7 @@ pub struct ConnectionLimits {
 
 impl ConnectionLimits {
     /// `wanted` connections if the operator named a number; otherwise two thirds of what the
-    /// descriptor limit holds once the reserve and the room workers' pipes (three per room,
+    /// descriptor limit holds once the reserve and the room workers' channels (one per room,
     /// up to half of what is left) are set aside. Half as many again may wait for a head.
     pub fn new(
         wanted: Option<usize>,
@@ -58,7 +58,7 @@ impl ConnectionLimits {
         head_timeout: Duration,
     ) -> ConnectionLimits {
         let usable = open_files.saturating_sub(RESERVED_FDS);
-        let for_rooms = (3 * max_rooms as u64).min(usable / 2);
+        let for_rooms = (max_rooms as u64).min(usable / 2);
         let budget = usize::try_from(usable - for_rooms).unwrap_or(usize::MAX);
         let fitting = budget - budget / 3;
         let max_connections = wanted.unwrap_or(fitting).max(2);
@@ -69,27 +69,6 @@ impl ConnectionLimits {
             );
         }
         ConnectionLimits { max_connections, max_pending_heads: (max_connections / 2).max(1), head_timeout }
-    }
-}
-
-/// Raises the soft limit on open descriptors to the hard limit (a socket is a descriptor;
-/// the usual soft limit of 1,024 would cap the gateway far below what it can serve) and
-/// returns the limit now in force.
-pub fn raise_open_files_limit() -> u64 {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => hard,
-            Err(e) => {
-                tracing::warn!("cannot raise the open-files limit from {soft} to {hard}: {e}");
-                soft
-            }
-        },
-        Ok((soft, _)) => soft,
-        Err(e) => {
-            tracing::warn!("cannot read the open-files limit: {e}");
-            1024
-        }
     }
 }
 

@@ -6,6 +6,7 @@ mod admin;
 pub mod auth;
 pub(crate) mod cluster;
 pub mod config;
+pub mod descriptors;
 pub mod hooks;
 mod http;
 pub mod ids;
@@ -103,7 +104,7 @@ fn print_token(
 pub async fn run(config: Config) -> std::io::Result<()> {
     // Before anything counts: a counter bumped with no recorder installed is lost.
     let metrics = metrics::install();
-    let open_files = listener::raise_open_files_limit();
+    let open_files = descriptors::raise_limit();
     let limits = listener::ConnectionLimits::new(
         config.max_connections,
         open_files,

@@ -36,6 +36,9 @@ pub enum RoomError {
     /// A durable room's store failed (full, read-only, unreachable): what the call did was
     /// not kept, and nothing it caused was sent. The cause is in the log.
     StorageUnavailable,
+    /// Starting the room would leave too few open files for sockets and operators; carries
+    /// the figures, for the log.
+    AtCapacity(String),
 }
 
 /// Why the cluster could not say where a room runs, or reach it there.
@@ -87,11 +90,15 @@ impl RoomError {
             RoomError::Placement(e) => format!("room unavailable: {e}"),
             RoomError::OwnedElsewhere => "room is owned by another node".to_owned(),
             RoomError::StorageUnavailable => "storage unavailable".to_owned(),
+            RoomError::AtCapacity(_) => "room unavailable: the server is at capacity".to_owned(),
         }
     }
 
     /// The reason with its causes, for the log: what an operator needs and a client must not see.
     pub fn detail(&self) -> String {
+        if let RoomError::AtCapacity(figures) = self {
+            return format!("{}: {figures}", self.reason());
+        }
         if let RoomError::Script(e) | RoomError::StartFailed(e) = self {
             let stack = e.stack.as_deref().map(|s| format!("\n{s}")).unwrap_or_default();
             return format!("{}{stack}", e.message);

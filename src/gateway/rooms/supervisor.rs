@@ -297,6 +297,11 @@ impl Supervisor {
             ::metrics::counter!(metrics::REFUSALS, "reason" => "room_limit").increment(1);
             return Err(RoomError::RoomLimit);
         }
+        if let Err(figures) = crate::gateway::descriptors::room_fits(state.workers.len()) {
+            ::metrics::counter!(metrics::REFUSALS, "reason" => "descriptors").increment(1);
+            tracing::warn!(room = %id, "not starting the room: {figures}");
+            return Err(RoomError::AtCapacity(figures));
+        }
         let runtime = RuntimeId::new(self.inner.next_runtime.fetch_add(1, Ordering::Relaxed));
         state.shares.started(runtime, caller);
         let (done, outcome) = watch::channel(None);
