@@ -185,8 +185,8 @@ impl Table {
         let _ = writeln!(
             md,
             "Every room is created with one message (join, send, reply, leave), `concurrency` at a time; \
-             then `clients / 2` of them are kept busy, two clients each all sending as in many-rooms, \
-             while the others hibernate after `--room-idle-ms` (2 s in run.sh). Known and live rooms come \
+             then `clients / 2` of them (at most half) are kept busy, two clients each all sending as in \
+             many-rooms, while the others hibernate after `--room-idle-ms` (2 s in run.sh). Known and live rooms come \
              from `/healthz` after the busy phase. Disk is the data directory's files (SQLite's database \
              and its WAL, which keeps a few MiB however little is stored) over the known rooms: once every \
              room holds one message, and after the busy rooms have stored theirs.\n"
