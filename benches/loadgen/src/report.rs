@@ -1,6 +1,6 @@
 //! BENCHMARKS.md from the JSON results of `loadgen run`: the machine, every figure for each
-//! server side by side with the ratios roomvisor/limit and roomvisor/peer, and the budgets
-//! the benchmarks issue sets, each marked met or missed.
+//! server side by side with the ratios roomvisor/limit, roomvisor/peer and durable/roomvisor,
+//! and the budgets the benchmarks issue sets, each marked met or missed.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -10,11 +10,17 @@ use crate::stats::Better;
 use crate::RunResult;
 
 /// Result names and column titles, in column order.
-const SERVERS: [(&str, &str); 4] =
-    [("roomvisor", "roomvisor"), ("cluster", "roomvisor ×3 over NATS"), ("limit", "limit"), ("peer", "peer")];
+const SERVERS: [(&str, &str); 5] = [
+    ("roomvisor", "roomvisor"),
+    ("durable", "roomvisor --data-dir"),
+    ("cluster", "roomvisor ×3 over NATS"),
+    ("limit", "limit"),
+    ("peer", "peer"),
+];
 /// The ratios shown, where both sides ran.
-const RATIOS: [(&str, &str); 3] = [("roomvisor", "limit"), ("roomvisor", "peer"), ("cluster", "roomvisor")];
-const SCENARIOS: [(&str, &str); 6] = [
+const RATIOS: [(&str, &str); 4] =
+    [("roomvisor", "limit"), ("roomvisor", "peer"), ("cluster", "roomvisor"), ("durable", "roomvisor")];
+const SCENARIOS: [(&str, &str); 7] = [
     ("cold-start", "new rooms joined one after another, then concurrently"),
     ("fanout", "one room, one sender, every other socket a subscriber"),
     ("many-rooms", "rooms of two clients, all sending"),
@@ -25,6 +31,22 @@ const SCENARIOS: [(&str, &str); 6] = [
         "a wave of joins into one room and the Presence frames it costs, diffs batched every 50 ms \
          (roomvisor only: the limit and the peer have no Presence)",
     ),
+    (
+        "stored-rooms",
+        "rooms created with one stored message each, then a few kept busy while the rest hibernate \
+         (durable only: without a store nothing hibernates)",
+    ),
+];
+/// stored-rooms' summary: (metric, column title), one row per server that ran it.
+const STORED_ROOMS_SUMMARY: [(&str, &str); 8] = [
+    ("rooms created/s (join, one message, leave)", "rooms created/s"),
+    ("rooms known to the store", "known rooms"),
+    ("rooms live", "live rooms"),
+    ("disk per known room once all are created", "disk per known room, one message each"),
+    ("disk per known room after", "disk per known room, after the busy phase"),
+    ("gateway RSS before", "gateway RSS before"),
+    ("gateway RSS after", "gateway RSS after"),
+    ("deliveries/s, as fast as delivered", "deliveries/s in the busy rooms"),
 ];
 
 /// metric name → one value per round.
@@ -83,8 +105,8 @@ impl Table {
         let _ = writeln!(
             md,
             "Written by `{command}` (which calls `loadgen report`); do not edit by hand. \
-             Every figure is the median of {} round(s); in each round the scenarios ran against \
-             roomvisor, the limit and the peer one after another, each server freshly started.\n",
+             Every figure is the median of {} round(s); in each round each scenario ran against \
+             the servers one after another, each server freshly started.\n",
             self.rounds
         );
         let _ = writeln!(md, "Machine: {}\n", machine());
@@ -95,6 +117,10 @@ impl Table {
              broadcast: no JS, no worker processes. roomvisor/limit is the cost of processes and JS.\n\
              - **peer**: `benches/peer`, a Socket.IO 4 chat server on Node (rooms, history in memory, \
              broadcast to the room), what a user would pick instead.\n\
+             - **roomvisor --data-dir** (`durable` in run.sh; cold-start, fanout, many-rooms and \
+             stored-rooms only): the same gateway with durable rooms. Every chat message is stored in \
+             SQLite (WAL, synchronous=FULL, group commit: one sync for every room that wrote meanwhile) \
+             before it is broadcast or acknowledged. durable/roomvisor is the cost of that.\n\
              - **roomvisor ×3 over NATS** (fanout and many-rooms only): three release gateways joined \
              with `--cluster` through one `nats-server -js`, the clients spread over them round-robin.\n\
              - The load generator (`benches/loadgen`) runs on the same machine and shares its cores.\n"
@@ -109,6 +135,9 @@ impl Table {
                 .copied()
                 .filter(|(server, _)| self.figures.contains_key(&(scenario.to_owned(), server.to_string())))
                 .collect();
+            if scenario == "stored-rooms" {
+                self.render_stored_rooms(&mut md, &servers);
+            }
             let ratios: Vec<(&str, &str)> = RATIOS
                 .iter()
                 .copied()
@@ -148,6 +177,44 @@ impl Table {
         }
         let _ = writeln!(md, "↑ higher is better, ↓ lower is better. A ratio a/b is a's figure over b's.");
         md
+    }
+
+    /// stored-rooms' few figures that matter, before its full table: `rooms` rooms created
+    /// with one message each, then `clients / 2` of them kept busy while the rest hibernate.
+    fn render_stored_rooms(&self, md: &mut String, servers: &[(&str, &str)]) {
+        let _ = writeln!(
+            md,
+            "Every room is created with one message (join, send, reply, leave), `concurrency` at a time; \
+             then `clients / 2` of them (at most half) are kept busy, two clients each all sending as in \
+             many-rooms, while the others hibernate after `--room-idle-ms` (2 s in run.sh). Known and live rooms come \
+             from `/healthz` after the busy phase. Disk is the data directory's files (SQLite's database \
+             and its WAL, which keeps a few MiB however little is stored) over the known rooms: once every \
+             room holds one message, and after the busy rooms have stored theirs.\n"
+        );
+        let mut header = String::from("| server |");
+        let mut rule = String::from("|---|");
+        for (_, title) in STORED_ROOMS_SUMMARY {
+            header.push_str(&format!(" {title} |"));
+            rule.push_str("--:|");
+        }
+        let _ = writeln!(md, "{header}\n{rule}");
+        for (server, title) in servers {
+            let mut row = format!("| {title} |");
+            for (metric, _) in STORED_ROOMS_SUMMARY {
+                let unit = self.unit("stored-rooms", metric);
+                let cell = self
+                    .value("stored-rooms", server, metric)
+                    .map(|v| format!("{} {unit}", number(v)).trim_end().to_owned());
+                row.push_str(&format!(" {} |", cell.unwrap_or_else(|| "–".to_owned())));
+            }
+            let _ = writeln!(md, "{row}");
+        }
+        md.push('\n');
+    }
+
+    fn unit(&self, scenario: &str, metric: &str) -> &str {
+        let order = self.order.get(scenario).map(Vec::as_slice).unwrap_or_default();
+        order.iter().find(|(name, _, _)| name == metric).map(|(_, unit, _)| unit.as_str()).unwrap_or("")
     }
 
     fn render_budgets(&self, md: &mut String) {
@@ -269,5 +336,57 @@ mod tests {
         assert_eq!(table.value("fanout", "roomvisor", "x"), Some(2.0));
         let md = table.render("test");
         assert!(md.contains("| figure | roomvisor |\n|---|--:|\n| x ↓ | 2.00 ms |\n"), "{md}");
+    }
+
+    fn result(server: &str, scenario: &str, figures: &[(&str, f64, &str)]) -> RunResult {
+        let mut metrics = crate::stats::Metrics::default();
+        for (name, value, unit) in figures {
+            metrics.push(*name, *value, unit, Better::Higher);
+        }
+        RunResult {
+            server: server.into(),
+            scenario: scenario.into(),
+            shape: serde_json::Value::Null,
+            metrics,
+        }
+    }
+
+    #[test]
+    fn durable_stands_beside_roomvisor_with_its_ratio() {
+        let mut table =
+            Table { figures: BTreeMap::new(), order: BTreeMap::new(), shapes: BTreeMap::new(), rounds: 0 };
+        let rate = "deliveries/s, as fast as delivered";
+        table.add(result("roomvisor", "many-rooms", &[(rate, 40_000.0, "/s")]));
+        table.add(result("durable", "many-rooms", &[(rate, 30_000.0, "/s")]));
+        let md = table.render("test");
+        assert!(md.contains("| figure | roomvisor | roomvisor --data-dir | durable/roomvisor |\n"), "{md}");
+        assert!(md.contains(&format!("| {rate} ↑ | 40,000 /s | 30,000 /s | 0.75 |\n")), "{md}");
+        assert!(md.contains("synchronous=FULL"), "{md}");
+    }
+
+    #[test]
+    fn stored_rooms_has_its_summary() {
+        let mut table =
+            Table { figures: BTreeMap::new(), order: BTreeMap::new(), shapes: BTreeMap::new(), rounds: 0 };
+        table.add(result(
+            "durable",
+            "stored-rooms",
+            &[
+                ("rooms created/s (join, one message, leave)", 512.0, "/s"),
+                ("rooms known to the store", 10_000.0, ""),
+                ("rooms live", 1_000.0, ""),
+                ("disk per known room once all are created", 1_234.0, "B"),
+                ("gateway RSS before", 12.0, "MiB"),
+                ("gateway RSS after", 80.0, "MiB"),
+            ],
+        ));
+        let md = table.render("test");
+        assert!(md.contains("| server | rooms created/s | known rooms | live rooms |"), "{md}");
+        assert!(
+            md.contains(
+                "| roomvisor --data-dir | 512 /s | 10,000 | 1,000 | 1,234 B | – | 12.0 MiB | 80.0 MiB | – |\n"
+            ),
+            "{md}"
+        );
     }
 }

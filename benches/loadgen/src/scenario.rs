@@ -8,6 +8,7 @@ use futures_util::stream::{self, StreamExt};
 use tokio::time::Instant;
 
 use crate::client::{Client, Error};
+use crate::health;
 use crate::presence::{unbatched_frames, Wave};
 use crate::procmem::Snapshot;
 use crate::protocol::Protocol;
@@ -32,6 +33,11 @@ pub enum Scenario {
     /// (`presence_state`, batched `presence_diff`). roomvisor only: the others have no Presence.
     /// (The wave's time includes starting the room, which its first join does.)
     PresenceWave,
+    /// 10,000 rooms created 20 at a time, each with one stored message, then 1,000 of them
+    /// kept busy (2 clients each, all sending) while the others hibernate: what the store and
+    /// the gateway keep per room that is known but not live. For a gateway with `--data-dir`
+    /// and a short `--room-idle-ms`; pass `--data-dir` here too for the disk figures.
+    StoredRooms,
 }
 
 /// The size of a run; each scenario reads the fields it needs. `scaled` shrinks a preset for
@@ -57,6 +63,8 @@ impl Scenario {
             // As many joins in flight as `join_all` keeps: all 1,000 at once would overflow
             // the room's call queue (256 waiting by default) and be refused as `room busy`.
             Scenario::PresenceWave => Shape { concurrency: CONNECT_CONCURRENCY, ..shape(1_000, 1) },
+            // `clients` are phase (b)'s: two to each busy room.
+            Scenario::StoredRooms => Shape { window: 1, ..shape(2_000, 10_000) },
         }
     }
 
@@ -64,11 +72,12 @@ impl Scenario {
         let run_id = format!("{}-{}", std::process::id(), target.clock_tag());
         match self {
             Scenario::ColdStart => cold_start(target, shape, &run_id).await,
-            Scenario::Fanout => traffic(target, shape, &run_id).await,
-            Scenario::ManyRooms => traffic(target, shape, &run_id).await,
+            Scenario::Fanout => traffic(target, shape, &format!("load-{run_id}")).await,
+            Scenario::ManyRooms => traffic(target, shape, &format!("load-{run_id}")).await,
             Scenario::Idle => idle(target, shape, &run_id).await,
             Scenario::RoomsMemory => rooms_memory(target, shape, &run_id).await,
             Scenario::PresenceWave => presence_wave(target, shape, &run_id).await,
+            Scenario::StoredRooms => stored_rooms(target, shape, &run_id).await,
         }
     }
 }
@@ -154,8 +163,9 @@ async fn join_and_leave(
     Ok(latencies)
 }
 
-/// `fanout` and `many-rooms`: as fast as the server delivers, then at half that rate.
-async fn traffic(target: &Target, shape: &Shape, run_id: &str) -> Result<Metrics, Error> {
+/// `fanout` and `many-rooms`: as fast as the server delivers, then at half that rate. Client
+/// `i` joins room `<prefix>-<i mod rooms>`.
+async fn traffic(target: &Target, shape: &Shape, prefix: &str) -> Result<Metrics, Error> {
     let rooms = shape.rooms.max(1);
     let per_room = (shape.clients / rooms).max(1);
     let fanout = rooms == 1;
@@ -165,7 +175,7 @@ async fn traffic(target: &Target, shape: &Shape, run_id: &str) -> Result<Metrics
     let traffic = Arc::new(Traffic::new(2, backlog));
 
     let clients = connect_all(target, shape.clients).await?;
-    let joined = join_all(clients, |id| format!("load-{run_id}-{}", id as usize % rooms)).await?;
+    let joined = join_all(clients, |id| format!("{prefix}-{}", id as usize % rooms)).await?;
     let before = target.memory();
     let tasks: Vec<_> = joined
         .into_iter()
@@ -417,9 +427,127 @@ async fn presence_wave(target: &Target, shape: &Shape, run_id: &str) -> Result<M
     Ok(metrics)
 }
 
+/// `stored-rooms`, against a gateway with `--data-dir` and a short `--room-idle-ms`:
+/// (a) creates `shape.rooms` rooms, `shape.concurrency` at a time: a client joins each,
+/// sends one message, waits for its reply (the message is stored by then) and leaves, so the
+/// room hibernates once it has been idle; (b) keeps `shape.clients / 2` of them (at most half
+/// of them, so that some always sleep) busy, two clients each, all sending as in many-rooms (waking them from the store), while the rest
+/// stay hibernated. Reports what the store knows, what is live, the disk the data directory
+/// takes (with `--data-dir`) and the gateway's RSS before, in between and after.
+///
+///     loadgen run --url http://127.0.0.1:4700 --pid 1234 --scenario stored-rooms \
+///         --data-dir target/data [--rooms 10000 --clients 2000]
+async fn stored_rooms(target: &Target, shape: &Shape, run_id: &str) -> Result<Metrics, Error> {
+    if target.protocol != Protocol::Phoenix {
+        return Err("stored-rooms needs roomvisor's gateway, with --data-dir".into());
+    }
+    let prefix = format!("stored-{run_id}");
+    let before = target.memory();
+    let mut metrics = Metrics::default();
+
+    // (a) Every room created with one message.
+    let started = Instant::now();
+    let workers = (0..shape.concurrency).map(|k| {
+        let rooms: Vec<String> =
+            (k..shape.rooms).step_by(shape.concurrency).map(|i| format!("{prefix}-{i}")).collect();
+        let target = target.clone();
+        tokio::spawn(async move {
+            let mut client = target.connect(k as u64).await?;
+            create_rooms(&mut client, rooms.into_iter()).await
+        })
+    });
+    let mut created = Latencies::default();
+    for worker in workers.collect::<Vec<_>>() {
+        created.merge(&worker.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    metrics.push(
+        "rooms created/s (join, one message, leave)",
+        created.len() as f64 / elapsed,
+        "/s",
+        Better::Higher,
+    );
+    metrics.latencies("room created: join sent → message's reply", &created);
+    let after_creating = target.memory();
+    if let Some(health) = target.health().await {
+        metrics.push("rooms live once all are created", health.live as f64, "", Better::Lower);
+        // One message in each: the cost of a room that is known but asleep.
+        target.disk_metrics(&mut metrics, "once all are created", health.stored);
+    }
+
+    // (b) A few of them busy, the rest hibernating.
+    let busy_rooms = (shape.clients / 2).min(shape.rooms / 2).max(1);
+    let busy = Shape { clients: busy_rooms * 2, rooms: busy_rooms, ..shape.clone() };
+    let traffic = traffic(target, &busy, &prefix).await?;
+    metrics.0.extend(traffic.0);
+
+    // What is left: the store's rooms, the live ones, their disk and the gateway's memory.
+    let health = target.health().await.ok_or("no /healthz answer from the gateway")?;
+    let known =
+        health.stored.ok_or("/healthz counts no stored rooms: is the gateway running with --data-dir?")?;
+    metrics.push("rooms known to the store", known as f64, "", Better::Higher);
+    metrics.push("rooms live", health.live as f64, "", Better::Lower);
+    target.disk_metrics(&mut metrics, "after", Some(known));
+    let points = [("before", before), ("once all are created", after_creating), ("after", target.memory())];
+    for (when, snapshot) in points {
+        if let Some(snapshot) = snapshot {
+            metrics.push(
+                format!("gateway RSS {when}"),
+                snapshot.server.rss_kib as f64 / 1024.0,
+                "MiB",
+                Better::Lower,
+            );
+        }
+    }
+    Ok(metrics)
+}
+
+/// Joins each room (starting it), sends it one message and waits for the reply, and leaves
+/// again; returns the time from each join sent to its message's reply.
+async fn create_rooms(client: &mut Client, rooms: impl Iterator<Item = String>) -> Result<Latencies, Error> {
+    let mut latencies = Latencies::default();
+    let sender = format!("client-{}", client.id);
+    for room in rooms {
+        let started = Instant::now();
+        let join_ref = client.join(&room).await?;
+        client.say(&room, join_ref, &sender, &format!("the first message in {room}")).await?;
+        latencies.record(started.elapsed());
+        client.leave(&room, join_ref).await?;
+    }
+    Ok(latencies)
+}
+
 impl Target {
     fn memory(&self) -> Option<Snapshot> {
         self.pid.map(Snapshot::take)
+    }
+
+    /// The data directory's size (with `--data-dir`), its WAL's, and the bytes per known room.
+    fn disk_metrics(&self, metrics: &mut Metrics, when: &str, known: Option<u64>) {
+        let Some(dir) = &self.data_dir else { return };
+        let disk = health::disk_use(dir);
+        let mib = |bytes: u64| bytes as f64 / 1024.0 / 1024.0;
+        metrics.push(format!("data directory {when}"), mib(disk.total), "MiB", Better::Lower);
+        metrics.push(format!("data directory {when}: the WAL"), mib(disk.wal), "MiB", Better::Lower);
+        if let Some(known) = known.filter(|&n| n > 0) {
+            metrics.push(
+                format!("disk per known room {when}"),
+                disk.total as f64 / known as f64,
+                "B",
+                Better::Lower,
+            );
+        }
+    }
+
+    /// The gateway's `/healthz`, from its first URL; a failure is told and skipped.
+    async fn health(&self) -> Option<health::Health> {
+        match health::read(self.url_for(0)).await {
+            Ok(health) => Some(health),
+            Err(e) => {
+                eprintln!("  cannot read /healthz: {e}");
+                None
+            }
+        }
     }
 
     /// The server's growth since `before`, its workers, and the cost per `unit` (socket or
