@@ -179,9 +179,16 @@ pub struct Config {
     #[arg(long, value_parser = ranged::<u64>(1_000..=600_000), env = "ROOMVISOR_CLUSTER_LEASE_MS", default_value_t = 5_000)]
     pub cluster_lease_ms: u64,
 
+    /// Replicas of the cluster's storage (durable rooms' JetStream stream and alarm bucket):
+    /// 1 on a single nats-server; 3 on a NATS cluster keeps every acknowledged write on a
+    /// quorum of servers. Used when the stream is created (or changed, when it differs).
+    #[arg(long, value_parser = ranged::<usize>(1..=5), env = "ROOMVISOR_CLUSTER_REPLICAS", default_value_t = 1)]
+    pub cluster_replicas: usize,
+
     /// Durable rooms: each room's `Room.storage` and alarms are kept in a SQLite database in
     /// this directory, and survive restarts of the room and of the gateway. Without it (and
-    /// outside a cluster) rooms are transient and `Room.storage` is undefined.
+    /// outside a cluster) rooms are transient and `Room.storage` is undefined. Not with
+    /// `--cluster`, where rooms are durable in NATS JetStream.
     #[arg(long, env = "ROOMVISOR_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
@@ -361,6 +368,23 @@ impl Config {
         }
     }
 
+    /// Where durable rooms are kept, checked before anything starts. `--data-dir` with
+    /// `--cluster` is refused rather than ignored: in a cluster rooms are kept in NATS
+    /// JetStream, and a gateway that started anyway would serve rooms without the data the
+    /// directory holds (and write new data elsewhere) with no more than a log line to say so.
+    pub fn storage_choice(&self) -> Result<(), String> {
+        match (&self.cluster, &self.data_dir) {
+            (Some(_), Some(dir)) => Err(format!(
+                "--data-dir {} cannot be used with --cluster: in a cluster, durable rooms are kept in \
+                 NATS JetStream (so that a room that moves to another node keeps its data), and the \
+                 SQLite database in that directory would not be used; leave out --data-dir \
+                 (ROOMVISOR_DATA_DIR)",
+                dir.display()
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The room kinds served: those of `--room`, the default kind from `--room-script` unless
     /// `--room room=PATH` names it, and the game unless `--room game=PATH` names it. Fails on a
     /// kind named twice.
@@ -520,6 +544,19 @@ mod tests {
     }
 
     #[test]
+    fn a_data_directory_is_refused_in_a_cluster() {
+        let both =
+            Config::parse_from(["gateway", "--cluster", "nats://127.0.0.1:4222", "--data-dir", "/tmp/x"]);
+        let error = both.storage_choice().expect_err("refused");
+        assert!(error.contains("--data-dir /tmp/x cannot be used with --cluster"), "{error}");
+        let cluster =
+            Config::parse_from(["gateway", "--cluster", "nats://127.0.0.1:4222", "--cluster-replicas", "3"]);
+        assert_eq!((cluster.storage_choice(), cluster.cluster_replicas), (Ok(()), 3));
+        let alone = Config::parse_from(["gateway", "--data-dir", "/tmp/x"]);
+        assert_eq!((alone.storage_choice(), alone.cluster_replicas), (Ok(()), 1));
+    }
+
+    #[test]
     fn values_that_would_make_the_service_unusable_are_refused_with_the_range() {
         for flag in [
             "--idle-timeout-ms=0",
@@ -529,6 +566,8 @@ mod tests {
             "--max-channels-per-socket=0",
             "--js-heap-bytes=0",
             "--history-on-join=5000",
+            "--cluster-replicas=0",
+            "--cluster-replicas=6",
         ] {
             let error = Config::try_parse_from(["gateway", flag]).expect_err(flag).to_string();
             let name = flag.split('=').next().unwrap_or_default();

@@ -258,8 +258,12 @@ async fn healthz(State(state): State<AppState>) -> Response {
     }
     if let Some(cluster) = &state.cluster {
         let nats = if cluster.is_connected() { "connected" } else { "disconnected" };
-        ready = cluster.is_ready();
-        body["cluster"] = json!({ "node": cluster.node().as_str(), "nats": nats, "ready": ready });
+        // The cluster's storage opens a moment after the leases: until it has, rooms could be
+        // claimed but not loaded.
+        let storage = supervisor.storage().is_none_or(|storage| storage.store.is_ready());
+        ready = cluster.is_ready() && storage;
+        body["cluster"] =
+            json!({ "node": cluster.node().as_str(), "nats": nats, "storage": storage, "ready": ready });
         if !ready {
             body["status"] = json!("not ready");
         }

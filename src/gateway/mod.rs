@@ -48,8 +48,8 @@ pub fn main() -> ExitCode {
     if let Some(config::Command::Token { sub, name, ttl, claims }) = &config.command {
         return print_token(&config, sub, name.as_deref(), *ttl, claims.clone().unwrap_or_default());
     }
-    // What clap cannot check flag by flag: the room kinds together.
-    if let Err(e) = config.kinds() {
+    // What clap cannot check flag by flag: the room kinds together, and where rooms are kept.
+    if let Err(e) = config.kinds().and_then(|_| config.storage_choice()) {
         eprintln!("gateway: {e}");
         return ExitCode::from(2);
     }
@@ -127,15 +127,25 @@ pub async fn run(config: Config) -> std::io::Result<()> {
             Some(cluster)
         }
     };
-    let storage = match &config.data_dir {
-        None => None,
-        Some(dir) => {
-            let storage = storage::Storage::open_dir(dir, config.data_max_bytes, config.room_storage_bytes)
-                .map_err(std::io::Error::other)?;
-            tracing::info!("durable rooms: {}", storage.store.describe());
-            Some(storage)
-        }
+    // In a cluster rooms are always durable, in JetStream: a room moves to another node when
+    // its owner dies, and must find its data there. Alone, only with --data-dir.
+    let storage = match (&cluster, &config.data_dir, &config.cluster) {
+        (Some(cluster), _, Some(url)) => Some(storage::Storage::in_cluster(
+            cluster.client(),
+            url,
+            config.cluster_replicas,
+            config.room_storage_bytes,
+            config.cluster_lease(),
+        )),
+        (None, Some(dir), _) => Some(
+            storage::Storage::open_dir(dir, config.data_max_bytes, config.room_storage_bytes)
+                .map_err(std::io::Error::other)?,
+        ),
+        _ => None,
     };
+    if let Some(storage) = &storage {
+        tracing::info!("durable rooms: {}", storage.store.describe());
+    }
     let supervisor =
         Supervisor::with_placement(config.clone(), pubsub, cluster.as_ref().map(Cluster::placement), storage);
     if let Some(cluster) = &cluster {

@@ -20,6 +20,7 @@ mod subjects;
 mod upkeep;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +43,9 @@ struct Inner {
     /// Rooms this node's subscribers use on other nodes, by the holder last seen: when that
     /// runtime ends, they are told as after a crash.
     remote_rooms: Mutex<HashMap<RoomId, Holder>>,
+    /// Whether rooms keep their state (the supervisor has storage): a room that moved to
+    /// another node comes back with it, and its clients hear `restored: true`.
+    durable: AtomicBool,
 }
 
 impl Cluster {
@@ -77,13 +81,29 @@ impl Cluster {
         let (commands, received) = mpsc::unbounded_channel();
         pubsub.attach_cluster(node.as_str(), commands);
         tokio::spawn(bridge::run(client.clone(), pubsub.clone(), received, lease));
-        let inner =
-            Inner { node, client, leases: Leases::new(lease), pubsub, remote_rooms: Mutex::default() };
+        let inner = Inner {
+            node,
+            client,
+            leases: Leases::new(lease),
+            pubsub,
+            remote_rooms: Mutex::default(),
+            durable: AtomicBool::new(false),
+        };
         Ok(Cluster { inner: Arc::new(inner) })
     }
 
     pub fn node(&self) -> &NodeId {
         &self.inner.node
+    }
+
+    /// The connection to NATS, which the cluster's storage shares.
+    pub fn client(&self) -> async_nats::Client {
+        self.inner.client.clone()
+    }
+
+    /// Whether rooms that move between nodes keep their state.
+    fn is_durable(&self) -> bool {
+        self.inner.durable.load(Ordering::Relaxed)
     }
 
     pub fn is_connected(&self) -> bool {
@@ -103,6 +123,7 @@ impl Cluster {
     /// Starts the cluster's background work for this node's supervisor: answering calls from
     /// other nodes, and the upkeep of leases.
     pub fn start(&self, supervisor: Supervisor) {
+        self.inner.durable.store(supervisor.is_durable(), Ordering::Relaxed);
         tokio::spawn(calls::serve(self.inner.client.clone(), self.inner.node.clone(), supervisor.clone()));
         upkeep::start(self.clone(), supervisor);
     }

@@ -29,7 +29,7 @@ impl Placement for Cluster {
                 let previous = self.inner.remote_rooms.lock_or_recover().remove(room);
                 if let Some(previous) = previous {
                     let detail = format!("its runtime on node {} ended", previous.node);
-                    announce_reset(&self.inner.pubsub, room, &detail, false);
+                    announce_reset(&self.inner.pubsub, room, &detail, self.is_durable());
                 }
             }
             Ok(claim)

@@ -102,7 +102,8 @@ async fn watch_remote_rooms(cluster: &Cluster) {
             remote_rooms.get(&room) == Some(&seen) && remote_rooms.remove(&room).is_some()
         };
         if removed {
-            announce_reset(&inner.pubsub, &room, &format!("its runtime on node {} ended", seen.node), false);
+            let detail = format!("its runtime on node {} ended", seen.node);
+            announce_reset(&inner.pubsub, &room, &detail, cluster.is_durable());
         }
     }
 }

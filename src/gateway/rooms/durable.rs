@@ -10,6 +10,7 @@ use super::supervisor::{Slot, Supervisor};
 use crate::gateway::hooks;
 use crate::gateway::ids::RoomId;
 use crate::gateway::metrics;
+use crate::gateway::storage::Storage;
 use crate::util::epoch_ms;
 
 /// How long a room gets to say whether it has timers or calls pending.
@@ -20,26 +21,20 @@ impl Supervisor {
     /// hibernation. Nothing to start without storage.
     pub async fn start_durable_tasks(&self) -> Vec<JoinHandle<()>> {
         let Some(storage) = self.storage().cloned() else { return Vec::new() };
-        match storage.store.alarms().await {
-            Ok(Ok(alarms)) => {
-                for (topic, at) in alarms {
-                    match RoomId::from_topic(&topic) {
-                        Ok(room) => storage.alarms.set(&room, Some(at)),
-                        Err(_) => {
-                            tracing::warn!("the store holds an alarm for {topic:?}, not a room id; ignored")
-                        }
-                    }
-                }
-                tracing::info!("{} alarms scheduled", storage.alarms.len());
-            }
-            Ok(Err(e)) => tracing::error!("cannot read the stored alarms: {e}"),
-            Err(_) => tracing::error!("cannot read the stored alarms: the store stopped"),
-        }
         let supervisor = self.clone();
-        let alarms = tokio::spawn(storage.alarms.clone().run(move |room, at| {
-            let supervisor = supervisor.clone();
-            async move { supervisor.fire_alarm(&room, at).await }
-        }));
+        // The stored alarms are read in the alarm task, not before the gateway listens: a
+        // cluster's store opens only once NATS is reachable (and then schedules them itself).
+        let alarms = tokio::spawn(async move {
+            schedule_stored_alarms(&storage).await;
+            storage
+                .alarms
+                .clone()
+                .run(move |room, at| {
+                    let supervisor = supervisor.clone();
+                    async move { supervisor.fire_alarm(&room, at).await }
+                })
+                .await
+        });
         let supervisor = self.clone();
         let hibernation = tokio::spawn(async move { supervisor.hibernate_idle_rooms().await });
         vec![alarms, hibernation]
@@ -115,5 +110,24 @@ impl Supervisor {
         tracing::info!(room = %handle.room, pid = handle.pid, "hibernating: idle, its state is stored");
         let handle = handle.clone();
         tokio::spawn(async move { handle.shutdown().await });
+    }
+}
+
+/// Schedules the alarms the store holds (those set before this gateway started).
+async fn schedule_stored_alarms(storage: &Storage) {
+    match storage.store.alarms().await {
+        Ok(Ok(alarms)) => {
+            for (topic, at) in alarms {
+                match RoomId::from_topic(&topic) {
+                    Ok(room) => storage.alarms.set_stored(&room, at),
+                    Err(_) => {
+                        tracing::warn!("the store holds an alarm for {topic:?}, not a room id; ignored")
+                    }
+                }
+            }
+            tracing::info!("{} alarms scheduled", storage.alarms.len());
+        }
+        Ok(Err(e)) => tracing::error!("cannot read the stored alarms: {e}"),
+        Err(_) => tracing::error!("cannot read the stored alarms: the store stopped"),
     }
 }

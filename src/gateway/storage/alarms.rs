@@ -67,6 +67,34 @@ impl Alarms {
         self.inner.changed.notify_one();
     }
 
+    /// An alarm the store held when the gateway started, read while rooms may already be
+    /// running: scheduled unless the room has set its alarm here since, which is newer.
+    pub fn set_stored(&self, room: &RoomId, at: u64) {
+        let mut schedule = self.inner.schedule.lock_or_recover();
+        if schedule.by_room.contains_key(room) {
+            return;
+        }
+        schedule.insert(room.clone(), Entry { fire_at: at, alarm_at: at, retries: 0 });
+        drop(schedule);
+        self.inner.changed.notify_one();
+    }
+
+    /// An alarm another node set, as the cluster's index tells of it: fired `grace` after it
+    /// is due, so that the node that runs the room (whose own write scheduled it on time)
+    /// fires it first and deletes it, and this node calls the room only if that node is gone.
+    /// An entry for the same alarm (the room's own write, here) stands as it is.
+    pub fn set_elsewhere(&self, room: &RoomId, at: u64, grace: Duration) {
+        let mut schedule = self.inner.schedule.lock_or_recover();
+        if schedule.by_room.get(room).is_some_and(|entry| entry.alarm_at == at) {
+            return;
+        }
+        let grace = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        let entry = Entry { fire_at: at.saturating_add(grace), alarm_at: at, retries: 0 };
+        schedule.insert(room.clone(), entry);
+        drop(schedule);
+        self.inner.changed.notify_one();
+    }
+
     /// The room's alarm, as scheduled here.
     pub fn get(&self, room: &RoomId) -> Option<u64> {
         self.inner.schedule.lock_or_recover().by_room.get(room).map(|entry| entry.alarm_at)
@@ -171,6 +199,27 @@ mod tests {
         assert_eq!(fired.load(Ordering::SeqCst), 2);
         assert!(alarms.is_empty());
         task.abort();
+    }
+
+    #[test]
+    fn an_alarm_set_elsewhere_waits_its_grace_unless_set_here_too() {
+        let alarms = Alarms::default();
+        let (here, there) = (RoomId::parse("here").unwrap(), RoomId::parse("there").unwrap());
+        let fire_at =
+            |room: &RoomId| alarms.inner.schedule.lock_or_recover().by_room.get(room).map(|e| e.fire_at);
+        alarms.set(&here, Some(1_000));
+        alarms.set_elsewhere(&here, 1_000, Duration::from_secs(5));
+        assert_eq!(fire_at(&here), Some(1_000), "the room's own write keeps its time");
+        alarms.set_elsewhere(&there, 1_000, Duration::from_secs(5));
+        assert_eq!(fire_at(&there), Some(6_000));
+        alarms.set(&there, Some(1_000));
+        assert_eq!(fire_at(&there), Some(1_000), "set here: on time");
+        alarms.set_elsewhere(&there, 2_000, Duration::from_secs(5));
+        assert_eq!(
+            (fire_at(&there), alarms.get(&there)),
+            (Some(7_000), Some(2_000)),
+            "a newer alarm replaces it"
+        );
     }
 
     #[tokio::test]

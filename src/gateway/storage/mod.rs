@@ -6,8 +6,12 @@
 //! so a store can make many rooms' writes durable with one sync (group commit). The output
 //! gate itself (nothing a turn caused leaves before its writes are durable) is the room
 //! actor's, in `rooms/process.rs`.
+//!
+//! Two stores: SQLite in `--data-dir` on a single node ([`sqlite`]), NATS JetStream in a
+//! cluster ([`jetstream`]), where a room that moves to another node must find its data there.
 
 mod alarms;
+mod jetstream;
 mod sqlite;
 
 use std::fmt;
@@ -17,6 +21,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 pub use alarms::Alarms;
+pub use jetstream::{room_of_key, storage_key, JetStreamStore, ALARMS_BUCKET, STREAM};
 pub use sqlite::SqliteStore;
 
 use crate::gateway::ids::RoomId;
@@ -44,7 +49,8 @@ pub struct Batch {
 /// "storage unavailable".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StorageError {
-    /// The store's size limit (`--data-max-bytes`) or the disk is full.
+    /// The store's size limit (`--data-max-bytes`) or the disk is full; in a cluster, the
+    /// room's state would not fit in one NATS message, or JetStream is out of space.
     Full,
     /// Anything else the store reported (a read-only file, an I/O error, a lost connection).
     Failed(String),
@@ -82,6 +88,11 @@ pub trait Store: Send + Sync + 'static {
     fn rooms(&self, limit: usize) -> Reply<(u64, Vec<StoredRoom>)>;
     /// What and where, for the start-up log line.
     fn describe(&self) -> String;
+    /// Whether requests can succeed now; `/healthz` says not ready while they cannot (a
+    /// cluster's store before NATS is reachable).
+    fn is_ready(&self) -> bool {
+        true
+    }
 }
 
 /// The storage of this gateway's durable rooms: the store and its alarm schedule.
@@ -96,6 +107,22 @@ pub struct Storage {
 impl Storage {
     pub fn new(store: Arc<dyn Store>, room_max_bytes: u64) -> Storage {
         Storage { store, alarms: Alarms::default(), room_max_bytes }
+    }
+
+    /// The cluster's store, on its NATS connection (see [`JetStreamStore::start`]): returns at
+    /// once, and opens when NATS is reachable. Alarms set on other nodes fire here a `lease`
+    /// late: only if the room's node did not run them (it died).
+    pub fn in_cluster(
+        client: async_nats::Client,
+        url: &str,
+        replicas: usize,
+        room_max_bytes: u64,
+        lease: std::time::Duration,
+    ) -> Storage {
+        // One schedule, shared: the store feeds it every node's alarms.
+        let alarms = Alarms::default();
+        let store = JetStreamStore::start(client, url, replicas, room_max_bytes, alarms.clone(), lease);
+        Storage { store: Arc::new(store), alarms, room_max_bytes }
     }
 
     /// Opens the embedded store in `dir`; `max_bytes` caps the database's size.
