@@ -789,6 +789,7 @@ async fn a_node_that_lost_its_room_cannot_overwrite_the_new_owners_storage() {
     assert!(dropped.is_some(), "the other node dropped the deleted alarm");
     let (count, rooms) = b.rooms(10).await.expect("answered").expect("listed");
     assert_eq!(count, 1);
+    assert_eq!(b.rooms(0).await.expect("answered").expect("counted"), (1, vec![]), "counted alone");
     assert_eq!((rooms[0].room.as_str(), rooms[0].keys, rooms[0].alarm_at), ("room:contested", 3, None));
 
     // A room that deletes everything is forgotten, and can start over.
@@ -797,6 +798,7 @@ async fn a_node_that_lost_its_room_cannot_overwrite_the_new_owners_storage() {
         .expect("answered")
         .expect("stored");
     assert_eq!(b.rooms(10).await.expect("answered").expect("listed").0, 0);
+    assert_eq!(b.rooms(0).await.expect("answered").expect("counted"), (0, vec![]));
     b.commit(&room, put("z", "26")).await.expect("answered").expect("stored after the room was forgotten");
     assert_eq!(keys(&a.load(&room).await.expect("answered").expect("loads")), ["z"]);
 }

@@ -261,7 +261,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
         // The cluster's storage opens a moment after the leases: until it has, rooms could be
         // claimed but not loaded.
         let storage = supervisor.storage().is_none_or(|storage| storage.store.is_ready());
-        ready = cluster.is_ready() && storage;
+        ready = ready && cluster.is_ready() && storage;
         body["cluster"] =
             json!({ "node": cluster.node().as_str(), "nats": nats, "storage": storage, "ready": ready });
         if !ready {
