@@ -251,8 +251,8 @@ mod tests {
         let tight = ConnectionLimits::new(None, 256, 1024, second);
         assert_eq!((tight.max_connections, tight.max_pending_heads), (64, 32), "rooms take half at most");
         let usual = ConnectionLimits::new(None, 20_000, 1024, second);
-        let budget = 20_000 - 64 - 3 * 1024;
-        assert_eq!(usual.max_connections, budget - budget / 3);
+        let budget = 20_000 - 64 - 1024;
+        assert_eq!(usual.max_connections, budget - budget / 3, "one descriptor per room set aside");
         let named = ConnectionLimits::new(Some(15_000), 20_000, 100_000, second);
         assert_eq!(named.max_connections, 15_000, "the operator's number stands");
         assert!(ConnectionLimits::new(None, 10, 1024, second).max_connections >= 2);
