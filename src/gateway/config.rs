@@ -139,9 +139,9 @@ pub struct Config {
     #[arg(long, value_parser = ranged::<u64>(1..=3_600_000), env = "ROOMVISOR_HARD_TIMEOUT_MS", default_value_t = 10_000)]
     pub hard_timeout_ms: u64,
 
-    /// The JavaScript engine every room runs on (design section 11). `deno` needs a build with
-    /// the cargo feature `deno` (see scripts/deno-setup.sh).
-    #[arg(long, env = "ROOMVISOR_ENGINE", default_value = "quickjs", value_parser = parse_engine)]
+    /// The JavaScript engine every room runs on (design section 11): `quickjs` in the default
+    /// build, `deno` in a build with the cargo feature `deno` or `v8` (one engine per build).
+    #[arg(long, env = "ROOMVISOR_ENGINE", default_value_t = EngineKind::BUILT, value_parser = parse_engine)]
     pub engine: EngineKind,
 
     /// JS heap per room.
@@ -302,13 +302,15 @@ pub struct RoomKind {
     pub script: PathBuf,
 }
 
-/// Refuses `deno` at start-up in a build without it, rather than failing every room later.
+/// Refuses at start-up an engine this build lacks, rather than failing every room later.
 fn parse_engine(value: &str) -> Result<EngineKind, String> {
     let engine = <EngineKind as clap::ValueEnum>::from_str(value, true)?;
-    if engine == EngineKind::Deno && !cfg!(any(feature = "deno", feature = "v8")) {
-        return Err("this gateway was built without the deno engine: build it with `--features deno` \
-                    (scripts/deno-setup.sh sets up what that build needs)"
-            .to_owned());
+    if engine != EngineKind::BUILT {
+        return Err(format!(
+            "this gateway was built with the {} engine only; `deno` needs a build with `--features deno` \
+             (scripts/deno-setup.sh sets up what it needs), `quickjs` one without",
+            EngineKind::BUILT
+        ));
     }
     Ok(engine)
 }

@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 use deno_core::{op2, serde_v8, v8, JsRuntime, OpState, RuntimeOptions};
 use deno_error::JsErrorBox;
 
-use super::errors::classify_message;
-use super::{epoch_ms_f64, log_failure, timeout_error, timer_deadline, Durable, Host, RoomInit, PRELUDE};
+use super::{
+    classify_message, epoch_ms_f64, log_failure, timeout_error, timer_deadline, Durable, Host, RoomInit,
+    PRELUDE,
+};
 use crate::wire::{LogLevel, RuntimeLimits, ScriptError, ScriptErrorKind, WorkerStats};
 
 /// Builds the natives object the prelude expects out of this module's ops, then takes
@@ -77,7 +79,12 @@ fn op_room_post(state: &mut OpState, #[string] channel: String, #[string] data: 
 }
 
 #[op2(fast)]
-fn op_room_push(state: &mut OpState, #[string] conn: String, #[string] event: String, #[string] payload: String) {
+fn op_room_push(
+    state: &mut OpState,
+    #[string] conn: String,
+    #[string] event: String,
+    #[string] payload: String,
+) {
     host(state).push(&conn, &event, &payload)
 }
 
@@ -324,7 +331,11 @@ pub struct Engine {
 
 impl Engine {
     /// Creates the runtime, installs the API and evaluates the room script.
-    pub fn start(room: &RoomInit<'_>, limits: &RuntimeLimits, host: Rc<dyn Host>) -> Result<Engine, ScriptError> {
+    pub fn start(
+        room: &RoomInit<'_>,
+        limits: &RuntimeLimits,
+        host: Rc<dyn Host>,
+    ) -> Result<Engine, ScriptError> {
         let heap_bytes = usize::try_from(limits.heap_bytes).unwrap_or(usize::MAX);
         let mut runtime = JsRuntime::new(RuntimeOptions {
             extensions: vec![roomvisor_natives::init()],
@@ -371,8 +382,8 @@ impl Engine {
     /// Invokes a top-level script function. The reply reaches the host now, or when the
     /// returned promise settles.
     pub fn call(&self, call_id: u64, function: &str, args_json: &str) {
-        let outcome =
-            self.turn(&self.hooks.invoke, &[Arg::Num(call_id as f64), Arg::Str(function), Arg::Str(args_json)]);
+        let outcome = self
+            .turn(&self.hooks.invoke, &[Arg::Num(call_id as f64), Arg::Str(function), Arg::Str(args_json)]);
         if let Err(error) = outcome {
             self.host.reply(call_id, Err(error));
         }
@@ -421,7 +432,11 @@ impl Engine {
         };
         let counts = self.peek(&self.hooks.stats).unwrap_or_default();
         let count = |i: usize| counts.get(i).and_then(|n| n.as_u64()).and_then(|n| u32::try_from(n).ok());
-        WorkerStats { heap_used_bytes, timers: count(0).unwrap_or_default(), pending: count(1).unwrap_or_default() }
+        WorkerStats {
+            heap_used_bytes,
+            timers: count(0).unwrap_or_default(),
+            pending: count(1).unwrap_or_default(),
+        }
     }
 
     /// When the next timer is due, if any is armed.
@@ -437,7 +452,11 @@ impl Engine {
     }
 
     /// One macrotask: a fresh CPU budget, the task, then the microtasks it queued.
-    fn turn(&self, hook: &v8::Global<v8::Function>, args: &[Arg<'_>]) -> Result<serde_json::Value, ScriptError> {
+    fn turn(
+        &self,
+        hook: &v8::Global<v8::Function>,
+        args: &[Arg<'_>],
+    ) -> Result<serde_json::Value, ScriptError> {
         self.watchdog.arm(self.cpu_limit);
         let result = {
             let mut runtime = self.runtime.borrow_mut();
@@ -492,7 +511,9 @@ impl Engine {
                     self.host.reply(id as u64, Err(timeout_error(self.cpu_limit)));
                 }
             }
-            Ok(other) => self.host.log(LogLevel::Error, &format!("abandoning pending calls returned {other}")),
+            Ok(other) => {
+                self.host.log(LogLevel::Error, &format!("abandoning pending calls returned {other}"))
+            }
             Err(e) => self.log_failure("abandoning pending calls", &e),
         }
     }
@@ -531,7 +552,8 @@ fn install(
 
     let Some(natives) = run_script(tc, "natives.js", NATIVES) else { return Err(fail(tc)) };
     let Some(prelude) = run_script(tc, "prelude.js", PRELUDE) else { return Err(fail(tc)) };
-    let prelude = v8::Local::<v8::Function>::try_from(prelude).map_err(|_| setup_error("the prelude is no function"))?;
+    let prelude = v8::Local::<v8::Function>::try_from(prelude)
+        .map_err(|_| setup_error("the prelude is no function"))?;
     let durable = match &room.storage {
         Some(durable) => durable_value(tc, durable).ok_or_else(|| setup_error("storage does not convert"))?,
         None => v8::undefined(tc).into(),
@@ -546,7 +568,8 @@ fn install(
     ];
     let undefined = v8::undefined(tc).into();
     let Some(hooks) = prelude.call(tc, undefined, &args) else { return Err(fail(tc)) };
-    let hooks = v8::Local::<v8::Object>::try_from(hooks).map_err(|_| setup_error("the prelude returned no hooks"))?;
+    let hooks =
+        v8::Local::<v8::Object>::try_from(hooks).map_err(|_| setup_error("the prelude returned no hooks"))?;
     if run_script(tc, room.script_name, room.script).is_none() {
         let error = fail(tc);
         return Err(with_location(tc, error));
@@ -591,7 +614,10 @@ fn string<'s>(scope: &mut v8::PinScope<'s, '_>, text: &str) -> Result<v8::Local<
 
 /// The prelude's view of a durable room's storage: keys and values as two arrays (the values
 /// stay JSON text until read), its alarm (-1 for none) and its size limit.
-fn durable_value<'s>(scope: &mut v8::PinScope<'s, '_>, durable: &Durable) -> Option<v8::Local<'s, v8::Value>> {
+fn durable_value<'s>(
+    scope: &mut v8::PinScope<'s, '_>,
+    durable: &Durable,
+) -> Option<v8::Local<'s, v8::Value>> {
     let (keys, values): (Vec<&str>, Vec<&str>) =
         durable.entries.iter().map(|(k, v)| (k.as_str(), v.as_str())).unzip();
     let object = serde_json::json!({
@@ -642,7 +668,11 @@ fn caught(
         return timeout_error(cpu_limit);
     }
     if out_of_memory.get() {
-        return ScriptError { kind: ScriptErrorKind::OutOfMemory, message: "out of memory".to_owned(), stack: None };
+        return ScriptError {
+            kind: ScriptErrorKind::OutOfMemory,
+            message: "out of memory".to_owned(),
+            stack: None,
+        };
     }
     let Some(exception) = tc.exception() else {
         return ScriptError::exception("execution terminated".to_owned());
@@ -650,7 +680,7 @@ fn caught(
     let Some(object) = exception.to_object(tc).filter(|_| exception.is_object()) else {
         return ScriptError::exception(exception.to_rust_string_lossy(tc));
     };
-    let mut property = |name: &str| -> Option<String> {
+    let property = |name: &str| -> Option<String> {
         let key = v8::String::new(tc, name)?;
         let value = object.get(tc, key.into())?;
         (!value.is_undefined() && !value.is_null()).then(|| value.to_rust_string_lossy(tc))
@@ -669,12 +699,16 @@ fn caught(
 /// Start-up errors are read by whoever fixes the script: name where, e.g.
 /// `SyntaxError: Unexpected token '{' (at room.js:1:18)`, from the message V8 keeps with
 /// the exception (a syntax error has no stack frame to read it from).
-fn with_location(tc: &mut v8::PinnedRef<'_, v8::TryCatch<v8::HandleScope>>, mut error: ScriptError) -> ScriptError {
+fn with_location(
+    tc: &mut v8::PinnedRef<'_, v8::TryCatch<v8::HandleScope>>,
+    mut error: ScriptError,
+) -> ScriptError {
     if error.kind != ScriptErrorKind::Exception {
         return error;
     }
     let Some(message) = tc.message() else { return error };
-    let file = message.get_script_resource_name(tc).map(|name| name.to_rust_string_lossy(tc)).unwrap_or_default();
+    let file =
+        message.get_script_resource_name(tc).map(|name| name.to_rust_string_lossy(tc)).unwrap_or_default();
     let line = message.get_line_number(tc).unwrap_or_default();
     let column = message.get_start_column() + 1;
     error.message = format!("{} (at {file}:{line}:{column})", error.message);

@@ -2,16 +2,9 @@
 
 use rquickjs::CaughtError;
 
+pub(super) use super::classify_message;
 use super::{timeout_error, CpuBudget};
 use crate::wire::{ScriptError, ScriptErrorKind};
-
-pub(super) fn classify_message(message: &str) -> ScriptErrorKind {
-    if message == "out of memory" {
-        ScriptErrorKind::OutOfMemory
-    } else {
-        ScriptErrorKind::Exception
-    }
-}
 
 pub(super) fn to_script_error(error: CaughtError<'_>, budget: &CpuBudget) -> ScriptError {
     if budget.exceeded.get() {

@@ -1,11 +1,17 @@
-//! The JavaScript engine behind a room: QuickJS through `rquickjs` (the default), or, built
-//! with the cargo feature `deno`, deno_core (design section 11).
+//! The JavaScript engine behind a room: QuickJS through `rquickjs` (the default build), or,
+//! built with the cargo feature `deno` (or `v8`), deno_core (design section 11).
+//!
+//! One build has one engine. deno_core's QuickJS backend (v8x) links its own, patched
+//! QuickJS-ng 0.15 with the same C symbols (`JS_NewNumber`, ...) as rquickjs's QuickJS-ng
+//! 0.16, and a binary with both fails to link on duplicate symbols; with the QuickJS backend
+//! compiled out, rquickjs's objects are never pulled from their archive.
 //!
 //! This is the only module that knows which engine runs the room script. The rest of the
 //! worker talks to [`Engine`] and implements [`Host`]; each backend implements the same API
 //! and evaluates the same `prelude.js`, so the script API is one piece of JavaScript whatever
 //! runs it.
 
+#[cfg(not(any(feature = "deno", feature = "v8")))]
 use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -14,8 +20,11 @@ use crate::wire::{EngineKind, LogLevel, RuntimeLimits, ScriptError, ScriptErrorK
 
 #[cfg(any(feature = "deno", feature = "v8"))]
 mod deno;
+#[cfg(not(any(feature = "deno", feature = "v8")))]
 mod errors;
+#[cfg(not(any(feature = "deno", feature = "v8")))]
 mod natives;
+#[cfg(not(any(feature = "deno", feature = "v8")))]
 mod quickjs;
 #[cfg(test)]
 mod tests;
@@ -70,8 +79,9 @@ pub struct Durable {
     pub entries: Vec<(String, String)>,
 }
 
-/// A room's runtime, on the engine its [`RuntimeLimits`] name.
+/// A room's runtime, on the engine this build has.
 pub enum Engine {
+    #[cfg(not(any(feature = "deno", feature = "v8")))]
     Quickjs(quickjs::Engine),
     #[cfg(any(feature = "deno", feature = "v8"))]
     Deno(deno::Engine),
@@ -81,6 +91,7 @@ pub enum Engine {
 macro_rules! each_backend {
     ($engine:expr, $backend:ident => $body:expr) => {
         match $engine {
+            #[cfg(not(any(feature = "deno", feature = "v8")))]
             Engine::Quickjs($backend) => $body,
             #[cfg(any(feature = "deno", feature = "v8"))]
             Engine::Deno($backend) => $body,
@@ -90,18 +101,24 @@ macro_rules! each_backend {
 
 impl Engine {
     /// Creates the runtime, installs the API and evaluates the room script.
-    pub fn start(room: &RoomInit<'_>, limits: &RuntimeLimits, host: Rc<dyn Host>) -> Result<Engine, ScriptError> {
-        match limits.engine {
-            EngineKind::Quickjs => quickjs::Engine::start(room, limits, host).map(Engine::Quickjs),
-            #[cfg(any(feature = "deno", feature = "v8"))]
-            EngineKind::Deno => deno::Engine::start(room, limits, host).map(Engine::Deno),
-            // The gateway refuses --engine deno without the feature; a worker from another
-            // build could still be handed one.
-            #[cfg(not(any(feature = "deno", feature = "v8")))]
-            EngineKind::Deno => Err(ScriptError::exception(
-                "this room-worker was built without the deno engine (cargo feature `deno`)".to_owned(),
-            )),
+    pub fn start(
+        room: &RoomInit<'_>,
+        limits: &RuntimeLimits,
+        host: Rc<dyn Host>,
+    ) -> Result<Engine, ScriptError> {
+        // The gateway refuses an engine its build lacks; a worker of another build (through
+        // --worker-bin) could still be handed one.
+        if limits.engine != EngineKind::BUILT {
+            return Err(ScriptError::exception(format!(
+                "this room-worker was built with the {} engine only, not {}",
+                EngineKind::BUILT,
+                limits.engine
+            )));
         }
+        #[cfg(not(any(feature = "deno", feature = "v8")))]
+        return quickjs::Engine::start(room, limits, host).map(Engine::Quickjs);
+        #[cfg(any(feature = "deno", feature = "v8"))]
+        return deno::Engine::start(room, limits, host).map(Engine::Deno);
     }
 
     /// Invokes a top-level script function. The reply reaches the host now, or when the
@@ -137,12 +154,14 @@ impl Engine {
 }
 
 /// CPU time (not wall time: a blocking host call costs nothing) allowed to one macrotask.
+#[cfg(not(any(feature = "deno", feature = "v8")))]
 struct CpuBudget {
     limit: Duration,
     deadline: Cell<Option<Duration>>,
     exceeded: Cell<bool>,
 }
 
+#[cfg(not(any(feature = "deno", feature = "v8")))]
 impl CpuBudget {
     fn new(limit: Duration) -> CpuBudget {
         CpuBudget { limit, deadline: Cell::new(None), exceeded: Cell::new(false) }
@@ -172,6 +191,14 @@ fn thread_cpu_time() -> Duration {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
         .map(Duration::from)
         .unwrap_or_default()
+}
+
+fn classify_message(message: &str) -> ScriptErrorKind {
+    if message == "out of memory" {
+        ScriptErrorKind::OutOfMemory
+    } else {
+        ScriptErrorKind::Exception
+    }
 }
 
 fn timeout_error(limit: Duration) -> ScriptError {

@@ -8,7 +8,9 @@ use rquickjs::{CatchResultExt, Context, Function, Object, Persistent, Runtime};
 
 use super::errors::{describe_value, script_error_from_value, to_script_error, with_location};
 use super::natives::natives;
-use super::{epoch_ms_f64, log_failure, timeout_error, timer_deadline, CpuBudget, Durable, Host, RoomInit, PRELUDE};
+use super::{
+    epoch_ms_f64, log_failure, timeout_error, timer_deadline, CpuBudget, Durable, Host, RoomInit, PRELUDE,
+};
 use crate::wire::{LogLevel, RuntimeLimits, ScriptError, ScriptErrorKind, WorkerStats};
 /// Deep recursion must end in a RangeError, not a segfault of the worker's 8 MiB main stack; half
 /// of it still lets JSON.parse take any payload the gateway accepts (128 levels), even unoptimised.
