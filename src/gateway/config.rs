@@ -9,7 +9,7 @@ use clap::Parser;
 
 use crate::gateway::ids::{is_valid_kind, DEFAULT_KIND};
 use crate::gateway::typescript::strip_types;
-use crate::wire::{RuntimeLimits, DEFAULT_MAX_FRAME_BYTES, WORKER_ARGV0};
+use crate::wire::{EngineKind, RuntimeLimits, DEFAULT_MAX_FRAME_BYTES, WORKER_ARGV0};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -138,6 +138,11 @@ pub struct Config {
     /// A worker that leaves a call unanswered this long is killed as unresponsive.
     #[arg(long, value_parser = ranged::<u64>(1..=3_600_000), env = "ROOMVISOR_HARD_TIMEOUT_MS", default_value_t = 10_000)]
     pub hard_timeout_ms: u64,
+
+    /// The JavaScript engine every room runs on (design section 11): `quickjs` in the default
+    /// build, `deno` in a build with the cargo feature `deno` or `v8` (one engine per build).
+    #[arg(long, env = "ROOMVISOR_ENGINE", default_value_t = EngineKind::BUILT, value_parser = parse_engine)]
+    pub engine: EngineKind,
 
     /// JS heap per room.
     #[arg(long, value_parser = ranged::<u64>(1_048_576..=17_179_869_184), env = "ROOMVISOR_JS_HEAP_BYTES", default_value_t = 64 * 1024 * 1024)]
@@ -304,6 +309,19 @@ pub struct RoomKind {
     pub script: PathBuf,
 }
 
+/// Refuses at start-up an engine this build lacks, rather than failing every room later.
+fn parse_engine(value: &str) -> Result<EngineKind, String> {
+    let engine = <EngineKind as clap::ValueEnum>::from_str(value, true)?;
+    if engine != EngineKind::BUILT {
+        return Err(format!(
+            "this gateway was built with the {} engine only; `deno` needs a build with `--features deno` \
+             (scripts/deno-setup.sh sets up what it needs), `quickjs` one without",
+            EngineKind::BUILT
+        ));
+    }
+    Ok(engine)
+}
+
 fn parse_room_kind(value: &str) -> Result<RoomKind, String> {
     let (prefix, script) = value.split_once('=').ok_or("expected PREFIX=PATH")?;
     if !is_valid_kind(prefix) {
@@ -362,6 +380,7 @@ impl Config {
 
     pub fn runtime_limits(&self) -> RuntimeLimits {
         RuntimeLimits {
+            engine: self.engine,
             heap_bytes: self.js_heap_bytes,
             cpu_ms_per_call: self.js_cpu_ms,
             max_frame_bytes: self.max_ipc_frame_bytes as u64,

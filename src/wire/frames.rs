@@ -3,9 +3,36 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Limits the gateway hands to each new runtime.
+/// Which JavaScript engine runs a room (`--engine`, design section 11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum EngineKind {
+    /// QuickJS through rquickjs.
+    Quickjs,
+    /// deno_core, on whichever backend the build selected (QuickJS's v8x, or V8).
+    Deno,
+}
+
+impl EngineKind {
+    /// The engine this build has: one per build (see `worker::engine`).
+    pub const BUILT: EngineKind =
+        if cfg!(any(feature = "deno", feature = "v8")) { EngineKind::Deno } else { EngineKind::Quickjs };
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EngineKind::Quickjs => "quickjs",
+            EngineKind::Deno => "deno",
+        })
+    }
+}
+
+/// What the gateway hands to each new runtime: the engine to run it on and its limits. The
+/// engine travels here, in the Start frame, so that a worker never guesses it from its
+/// environment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuntimeLimits {
+    pub engine: EngineKind,
     pub heap_bytes: u64,
     pub cpu_ms_per_call: u64,
     pub max_frame_bytes: u64,

@@ -8,6 +8,7 @@ mod process;
 
 pub use codec::{decode, encode, length_codec, CodecError, FrameCodec, GatewayCodec, WorkerCodec};
 pub use frames::{
-    FromWorker, LogLevel, RuntimeLimits, ScriptError, ScriptErrorKind, StorageInit, ToWorker, WorkerStats,
+    EngineKind, FromWorker, LogLevel, RuntimeLimits, ScriptError, ScriptErrorKind, StorageInit, ToWorker,
+    WorkerStats,
 };
 pub use process::{invoked_as_worker, DEFAULT_MAX_FRAME_BYTES, PARENT_PID_ENV, WORKER_ARGV0};

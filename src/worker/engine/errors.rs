@@ -1,21 +1,14 @@
-//! Turning what QuickJS throws into the [`ScriptError`] the gateway and clients see.
+//! Turning what QuickJS throws (through rquickjs) into the [`ScriptError`] the gateway and clients see.
 
 use rquickjs::CaughtError;
 
-use super::CpuBudget;
+pub(super) use super::classify_message;
+use super::{timeout_error, CpuBudget};
 use crate::wire::{ScriptError, ScriptErrorKind};
-
-pub(super) fn classify_message(message: &str) -> ScriptErrorKind {
-    if message == "out of memory" {
-        ScriptErrorKind::OutOfMemory
-    } else {
-        ScriptErrorKind::Exception
-    }
-}
 
 pub(super) fn to_script_error(error: CaughtError<'_>, budget: &CpuBudget) -> ScriptError {
     if budget.exceeded.get() {
-        return timeout_error(budget);
+        return timeout_error(budget.limit);
     }
     match error {
         CaughtError::Exception(exception) => {
@@ -53,20 +46,12 @@ pub(super) fn with_location(mut error: ScriptError) -> ScriptError {
 
 pub(super) fn script_error_from_value(value: &rquickjs::Value<'_>, budget: &CpuBudget) -> ScriptError {
     if budget.exceeded.get() {
-        return timeout_error(budget);
+        return timeout_error(budget.limit);
     }
     let message = describe_value(value);
     let stack =
         value.as_object().and_then(|o| rquickjs::Exception::from_object(o.clone())).and_then(|e| e.stack());
     ScriptError { kind: classify_message(&message), message, stack }
-}
-
-pub(super) fn timeout_error(budget: &CpuBudget) -> ScriptError {
-    ScriptError {
-        kind: ScriptErrorKind::Timeout,
-        message: format!("script ran past its CPU budget of {} ms", budget.limit.as_millis()),
-        stack: None,
-    }
 }
 
 pub(super) fn describe_value(value: &rquickjs::Value<'_>) -> String {

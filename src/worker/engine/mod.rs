@@ -1,29 +1,35 @@
-//! The JavaScript engine behind a room: QuickJS through `rquickjs`.
+//! The JavaScript engine behind a room: QuickJS through `rquickjs` (the default build), or,
+//! built with the cargo feature `deno` (or `v8`), deno_core (design section 11).
+//!
+//! One build has one engine. deno_core's QuickJS backend (v8x) links its own, patched
+//! QuickJS-ng 0.15 with the same C symbols (`JS_NewNumber`, ...) as rquickjs's QuickJS-ng
+//! 0.16, and a binary with both fails to link on duplicate symbols; with the QuickJS backend
+//! compiled out, rquickjs's objects are never pulled from their archive.
 //!
 //! This is the only module that knows which engine runs the room script. The rest of the
-//! worker talks to [`Engine`] and implements [`Host`]; a V8 backend would be a second
-//! implementation of this module's API, reusing `prelude.js` unchanged.
+//! worker talks to [`Engine`] and implements [`Host`]; each backend implements the same API
+//! and evaluates the same `prelude.js`, so the script API is one piece of JavaScript whatever
+//! runs it.
 
+#[cfg(not(any(feature = "deno", feature = "v8")))]
 use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use rquickjs::context::EvalOptions;
-use rquickjs::{CatchResultExt, Context, Function, Object, Persistent, Runtime};
+use crate::wire::{EngineKind, LogLevel, RuntimeLimits, ScriptError, ScriptErrorKind, WorkerStats};
 
-use crate::wire::{LogLevel, RuntimeLimits, ScriptError, ScriptErrorKind, WorkerStats};
-use errors::{describe_value, script_error_from_value, timeout_error, to_script_error, with_location};
-use natives::natives;
-
+#[cfg(any(feature = "deno", feature = "v8"))]
+mod deno;
+#[cfg(not(any(feature = "deno", feature = "v8")))]
 mod errors;
+#[cfg(not(any(feature = "deno", feature = "v8")))]
 mod natives;
+#[cfg(not(any(feature = "deno", feature = "v8")))]
+mod quickjs;
 #[cfg(test)]
 mod tests;
 
 const PRELUDE: &str = include_str!("prelude.js");
-/// Deep recursion must end in a RangeError, not a segfault of the worker's 8 MiB main stack; half
-/// of it still lets JSON.parse take any payload the gateway accepts (128 levels), even unoptimised.
-const MAX_JS_STACK_BYTES: usize = 4 * 1024 * 1024;
 
 /// What a runtime needs from the process around it.
 pub trait Host {
@@ -52,14 +58,115 @@ pub trait Host {
     fn reply(&self, call_id: u64, result: Result<String, ScriptError>);
 }
 
+/// What a room's runtime is started with.
+pub struct RoomInit<'a> {
+    pub room_id: &'a str,
+    pub kind: &'a str,
+    pub script_name: &'a str,
+    pub script: &'a str,
+    /// `Room.settings`, as JSON.
+    pub settings_json: &'a str,
+    pub epoch: u64,
+    /// A durable room's storage, as stored; `None` for a transient room.
+    pub storage: Option<Durable>,
+}
+
+/// A durable room's storage as the runtime starts with it.
+pub struct Durable {
+    pub alarm_at: Option<u64>,
+    pub max_bytes: u64,
+    /// Keys and JSON values.
+    pub entries: Vec<(String, String)>,
+}
+
+/// A room's runtime, on the engine this build has.
+pub enum Engine {
+    #[cfg(not(any(feature = "deno", feature = "v8")))]
+    Quickjs(quickjs::Engine),
+    #[cfg(any(feature = "deno", feature = "v8"))]
+    Deno(deno::Engine),
+}
+
+/// The same method of whichever backend runs the room.
+macro_rules! each_backend {
+    ($engine:expr, $backend:ident => $body:expr) => {
+        match $engine {
+            #[cfg(not(any(feature = "deno", feature = "v8")))]
+            Engine::Quickjs($backend) => $body,
+            #[cfg(any(feature = "deno", feature = "v8"))]
+            Engine::Deno($backend) => $body,
+        }
+    };
+}
+
+impl Engine {
+    /// Creates the runtime, installs the API and evaluates the room script.
+    pub fn start(
+        room: &RoomInit<'_>,
+        limits: &RuntimeLimits,
+        host: Rc<dyn Host>,
+    ) -> Result<Engine, ScriptError> {
+        // The gateway refuses an engine its build lacks; a worker of another build (through
+        // --worker-bin) could still be handed one.
+        if limits.engine != EngineKind::BUILT {
+            return Err(ScriptError::exception(format!(
+                "this room-worker was built with the {} engine only, not {}",
+                EngineKind::BUILT,
+                limits.engine
+            )));
+        }
+        #[cfg(not(any(feature = "deno", feature = "v8")))]
+        return quickjs::Engine::start(room, limits, host).map(Engine::Quickjs);
+        #[cfg(any(feature = "deno", feature = "v8"))]
+        return deno::Engine::start(room, limits, host).map(Engine::Deno);
+    }
+
+    /// Invokes a top-level script function. The reply reaches the host now, or when the
+    /// returned promise settles.
+    pub fn call(&self, call_id: u64, function: &str, args_json: &str) {
+        each_backend!(self, e => e.call(call_id, function, args_json))
+    }
+
+    /// Hands a BroadcastChannel message from another runtime to this one's listeners.
+    pub fn deliver(&self, channel: &str, data_json: &str) {
+        each_backend!(self, e => e.deliver(channel, data_json))
+    }
+
+    /// Resolves or rejects the promise of a `Beam.call`.
+    pub fn settle_host_call(&self, id: u64, result: Result<String, String>) {
+        each_backend!(self, e => e.settle_host_call(id, result))
+    }
+
+    /// Runs every timer due now, each as its own macrotask with its own CPU budget.
+    pub fn run_due_timers(&self) {
+        each_backend!(self, e => e.run_due_timers())
+    }
+
+    /// The runtime's heap in use, timers armed and calls not settled.
+    pub fn stats(&self) -> WorkerStats {
+        each_backend!(self, e => e.stats())
+    }
+
+    /// When the next timer is due, if any is armed.
+    pub fn next_timer_at(&self) -> Option<Instant> {
+        each_backend!(self, e => e.next_timer_at())
+    }
+}
+
 /// CPU time (not wall time: a blocking host call costs nothing) allowed to one macrotask.
+#[cfg(not(any(feature = "deno", feature = "v8")))]
 struct CpuBudget {
     limit: Duration,
     deadline: Cell<Option<Duration>>,
     exceeded: Cell<bool>,
 }
 
+#[cfg(not(any(feature = "deno", feature = "v8")))]
 impl CpuBudget {
+    fn new(limit: Duration) -> CpuBudget {
+        CpuBudget { limit, deadline: Cell::new(None), exceeded: Cell::new(false) }
+    }
+
     fn start(&self) {
         self.exceeded.set(false);
         self.deadline.set(Some(thread_cpu_time() + self.limit));
@@ -86,271 +193,37 @@ fn thread_cpu_time() -> Duration {
         .unwrap_or_default()
 }
 
-/// What a room's runtime is started with.
-pub struct RoomInit<'a> {
-    pub room_id: &'a str,
-    pub kind: &'a str,
-    pub script_name: &'a str,
-    pub script: &'a str,
-    /// `Room.settings`, as JSON.
-    pub settings_json: &'a str,
-    pub epoch: u64,
-    /// A durable room's storage, as stored; `None` for a transient room.
-    pub storage: Option<Durable>,
-}
-
-/// A durable room's storage as the runtime starts with it.
-pub struct Durable {
-    pub alarm_at: Option<u64>,
-    pub max_bytes: u64,
-    /// Keys and JSON values.
-    pub entries: Vec<(String, String)>,
-}
-
-/// The prelude's view of a durable room's storage: keys and values as two arrays (the values
-/// stay JSON text until read), its alarm (-1 for none) and its size limit.
-fn durable_object<'js>(ctx: &rquickjs::Ctx<'js>, durable: &Durable) -> rquickjs::Result<Object<'js>> {
-    let object = Object::new(ctx.clone())?;
-    let keys = rquickjs::Array::new(ctx.clone())?;
-    let values = rquickjs::Array::new(ctx.clone())?;
-    for (i, (key, value)) in durable.entries.iter().enumerate() {
-        keys.set(i, key.as_str())?;
-        values.set(i, value.as_str())?;
-    }
-    object.set("keys", keys)?;
-    object.set("values", values)?;
-    object.set("alarmAt", durable.alarm_at.map_or(-1.0, |at| at as f64))?;
-    object.set("maxBytes", durable.max_bytes as f64)?;
-    Ok(object)
-}
-
-/// Fields drop in declaration order, and QuickJS asserts that no object outlives its runtime:
-/// the hooks go first, the runtime last.
-pub struct Engine {
-    hooks: Persistent<Object<'static>>,
-    context: Context,
-    runtime: Runtime,
-    budget: Rc<CpuBudget>,
-    host: Rc<dyn Host>,
-}
-
-impl Engine {
-    /// Creates the runtime, installs the API and evaluates the room script.
-    pub fn start(
-        room: &RoomInit<'_>,
-        limits: &RuntimeLimits,
-        host: Rc<dyn Host>,
-    ) -> Result<Engine, ScriptError> {
-        let setup_error = |e: rquickjs::Error| ScriptError::exception(format!("engine setup: {e}"));
-        let runtime = Runtime::new().map_err(setup_error)?;
-        runtime.set_memory_limit(usize::try_from(limits.heap_bytes).unwrap_or(usize::MAX));
-        runtime.set_max_stack_size(MAX_JS_STACK_BYTES);
-        let budget = Rc::new(CpuBudget {
-            limit: Duration::from_millis(limits.cpu_ms_per_call),
-            deadline: Cell::new(None),
-            exceeded: Cell::new(false),
-        });
-        let interrupt_budget = budget.clone();
-        runtime.set_interrupt_handler(Some(Box::new(move || interrupt_budget.should_interrupt())));
-        let rejection_host = host.clone();
-        runtime.set_host_promise_rejection_tracker(Some(Box::new(
-            move |_ctx, _promise, reason, is_handled| {
-                if !is_handled {
-                    let message = describe_value(&reason);
-                    rejection_host.log(LogLevel::Error, &format!("unhandled promise rejection: {message}"));
-                }
-            },
-        )));
-        let context = Context::full(&runtime).map_err(setup_error)?;
-
-        budget.start();
-        let hooks = context.with(|ctx| -> Result<_, ScriptError> {
-            let natives = natives(&ctx, host.clone()).map_err(setup_error)?;
-            let install: Function = ctx
-                .eval_with_options(PRELUDE, eval_options("prelude.js", true))
-                .catch(&ctx)
-                .map_err(|e| to_script_error(e, &budget))?;
-            let durable = match &room.storage {
-                Some(durable) => Some(durable_object(&ctx, durable).map_err(setup_error)?),
-                None => None,
-            };
-            let hooks: Object = install
-                .call((natives, room.room_id, room.kind, room.settings_json, room.epoch as f64, durable))
-                .catch(&ctx)
-                .map_err(|e| to_script_error(e, &budget))?;
-            ctx.eval_with_options::<(), _>(room.script, eval_options(room.script_name, false))
-                .catch(&ctx)
-                .map_err(|e| with_location(to_script_error(e, &budget)))?;
-            Ok(Persistent::save(&ctx, hooks))
-        });
-        let engine = Engine { hooks: hooks?, context, runtime, budget, host };
-        engine.run_jobs();
-        engine.budget.stop();
-        Ok(engine)
-    }
-
-    /// Invokes a top-level script function. The reply reaches the host now, or when the
-    /// returned promise settles.
-    pub fn call(&self, call_id: u64, function: &str, args_json: &str) {
-        let outcome = self.turn(|hooks| {
-            let invoke: Function = hooks.get("invoke")?;
-            invoke.call::<_, ()>((call_id as f64, function, args_json))
-        });
-        if let Err(error) = outcome {
-            self.host.reply(call_id, Err(error));
-        }
-    }
-
-    /// Hands a BroadcastChannel message from another runtime to this one's listeners.
-    pub fn deliver(&self, channel: &str, data_json: &str) {
-        if let Err(error) = self.turn(|hooks| {
-            let deliver: Function = hooks.get("deliver")?;
-            deliver.call::<_, ()>((channel, data_json))
-        }) {
-            self.log_failure(&format!("BroadcastChannel(\"{channel}\") delivery"), &error);
-        }
-    }
-
-    /// Resolves or rejects the promise of a `Beam.call`.
-    pub fn settle_host_call(&self, id: u64, result: Result<String, String>) {
-        let (ok, payload) = match result {
-            Ok(json) => (true, json),
-            Err(message) => (false, message),
-        };
-        if let Err(error) = self.turn(|hooks| {
-            let settle: Function = hooks.get("settleHostCall")?;
-            settle.call::<_, ()>((id as f64, ok, payload))
-        }) {
-            self.log_failure("Beam.call continuation", &error);
-        }
-    }
-
-    /// Runs every timer due now, each as its own macrotask with its own CPU budget.
-    pub fn run_due_timers(&self) {
-        let now = epoch_ms_f64();
-        let id_limit = match self.turn(|hooks| {
-            let watermark: Function = hooks.get("timerWatermark")?;
-            watermark.call::<_, f64>(())
-        }) {
-            Ok(limit) => limit,
-            Err(error) => return self.log_failure("timer bookkeeping", &error),
-        };
-        loop {
-            let ran = self.turn(|hooks| {
-                let run: Function = hooks.get("runDueTimer")?;
-                run.call::<_, bool>((now, id_limit))
-            });
-            match ran {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(error) => self.log_failure("timer callback", &error),
-            }
-        }
-    }
-
-    /// The runtime's heap in use, timers armed and calls not settled.
-    pub fn stats(&self) -> WorkerStats {
-        let heap_used_bytes = u64::try_from(self.runtime.memory_usage().memory_used_size).unwrap_or_default();
-        let counts = self.context.with(|ctx| -> rquickjs::Result<Vec<u32>> {
-            let hooks = self.hooks.clone().restore(&ctx)?;
-            let stats: Function = hooks.get("stats")?;
-            stats.call(())
-        });
-        let counts = counts.unwrap_or_default();
-        let count = |i: usize| counts.get(i).copied().unwrap_or_default();
-        WorkerStats { heap_used_bytes, timers: count(0), pending: count(1) }
-    }
-
-    /// When the next timer is due, if any is armed.
-    pub fn next_timer_at(&self) -> Option<Instant> {
-        let at = self
-            .context
-            .with(|ctx| -> rquickjs::Result<f64> {
-                let hooks = self.hooks.clone().restore(&ctx)?;
-                let next: Function = hooks.get("nextTimerAt")?;
-                next.call(())
-            })
-            .unwrap_or(-1.0);
-        if at < 0.0 {
-            return None;
-        }
-        let wait_ms = (at - epoch_ms_f64()).max(0.0);
-        Some(Instant::now() + Duration::from_secs_f64(wait_ms / 1000.0))
-    }
-
-    /// One macrotask: a fresh CPU budget, the task, then the microtasks it queued.
-    fn turn<T>(
-        &self,
-        task: impl for<'js> FnOnce(Object<'js>) -> rquickjs::Result<T>,
-    ) -> Result<T, ScriptError> {
-        self.budget.start();
-        let result = self.context.with(|ctx| {
-            let hooks =
-                self.hooks.clone().restore(&ctx).catch(&ctx).map_err(|e| to_script_error(e, &self.budget))?;
-            task(hooks).catch(&ctx).map_err(|e| to_script_error(e, &self.budget))
-        });
-        let cut_off = self.run_jobs();
-        self.budget.stop();
-        if cut_off {
-            self.abandon_pending_calls();
-        }
-        result
-    }
-
-    /// Runs the queued promise jobs; true if the CPU budget cut one off.
-    fn run_jobs(&self) -> bool {
-        let mut cut_off = false;
-        loop {
-            match self.runtime.execute_pending_job() {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(job) => {
-                    let error = job.0.with(|ctx| {
-                        let caught = ctx.catch();
-                        script_error_from_value(&caught, &self.budget)
-                    });
-                    cut_off |= error.kind == ScriptErrorKind::Timeout;
-                    self.log_failure("promise job", &error);
-                }
-            }
-        }
-        cut_off
-    }
-
-    /// A promise job cut off by the CPU budget may have been the continuation of any pending
-    /// async call, and that call's promise will never settle: answer them all with a timeout
-    /// rather than leave a caller waiting until the worker is killed as unresponsive.
-    fn abandon_pending_calls(&self) {
-        let abandoned = self.context.with(|ctx| -> rquickjs::Result<Vec<f64>> {
-            let hooks = self.hooks.clone().restore(&ctx)?;
-            let abandon: Function = hooks.get("abandonPendingCalls")?;
-            abandon.call(())
-        });
-        match abandoned {
-            Ok(ids) => {
-                for id in ids {
-                    self.host.reply(id as u64, Err(timeout_error(&self.budget)));
-                }
-            }
-            Err(e) => self.host.log(LogLevel::Error, &format!("abandoning pending calls failed: {e}")),
-        }
-    }
-
-    fn log_failure(&self, what: &str, error: &ScriptError) {
-        let stack = error.stack.as_deref().map(|s| format!("\n{s}")).unwrap_or_default();
-        self.host.log(LogLevel::Error, &format!("{what} failed: {}{stack}", error.message));
+fn classify_message(message: &str) -> ScriptErrorKind {
+    if message == "out of memory" {
+        ScriptErrorKind::OutOfMemory
+    } else {
+        ScriptErrorKind::Exception
     }
 }
 
-fn eval_options(filename: &str, strict: bool) -> EvalOptions {
-    let mut options = EvalOptions::default();
-    options.global = true;
-    options.strict = strict;
-    options.filename = Some(filename.to_owned());
-    options
+fn timeout_error(limit: Duration) -> ScriptError {
+    ScriptError {
+        kind: ScriptErrorKind::Timeout,
+        message: format!("script ran past its CPU budget of {} ms", limit.as_millis()),
+        stack: None,
+    }
 }
 
-/// The clock the prelude's timers use (`Date.now()`), as the float QuickJS numbers are.
+fn log_failure(host: &dyn Host, what: &str, error: &ScriptError) {
+    let stack = error.stack.as_deref().map(|s| format!("\n{s}")).unwrap_or_default();
+    host.log(LogLevel::Error, &format!("{what} failed: {}{stack}", error.message));
+}
+
+/// The clock the prelude's timers use (`Date.now()`), as the float JavaScript numbers are.
 fn epoch_ms_f64() -> f64 {
     crate::util::epoch_ms() as f64
+}
+
+/// Turns the prelude's `nextTimerAt` (epoch ms, negative for none) into a deadline.
+fn timer_deadline(at: f64) -> Option<Instant> {
+    if at < 0.0 {
+        return None;
+    }
+    let wait_ms = (at - epoch_ms_f64()).max(0.0);
+    Some(Instant::now() + Duration::from_secs_f64(wait_ms / 1000.0))
 }

@@ -1,10 +1,11 @@
-//! The engine against a stand-in host: no process and no pipe, only what the engine asks of
-//! its host, recorded.
+// The script suite: the engine against a stand-in host, no process and no pipe, only what the
+// engine asks of its host, recorded. Included once per engine by tests/mod.rs, with `ENGINE`
+// naming it, so that every engine is held to the same tests.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use super::{Durable, Engine, Host, RoomInit};
+use crate::worker::engine::{Durable, Engine, Host, RoomInit};
 use crate::wire::{LogLevel, RuntimeLimits, ScriptError, ScriptErrorKind};
 
 #[derive(Default)]
@@ -81,7 +82,7 @@ const SETTINGS: &str = r#"{"historyOnJoin":2,"maxSenderChars":5,"maxTextChars":1
 fn start(script: &str, cpu_ms: u64) -> Result<(Engine, Rc<StandInHost>), ScriptError> {
     let host = Rc::new(StandInHost::default());
     let limits =
-        RuntimeLimits { heap_bytes: 32 * 1024 * 1024, cpu_ms_per_call: cpu_ms, max_frame_bytes: 1 << 20 };
+        RuntimeLimits { engine: ENGINE, heap_bytes: 32 * 1024 * 1024, cpu_ms_per_call: cpu_ms, max_frame_bytes: 1 << 20 };
     let room = RoomInit {
         room_id: "test-room",
         kind: "game",
@@ -136,6 +137,43 @@ fn a_busy_loop_is_cut_off_and_the_runtime_still_answers() {
     assert_eq!(last_reply(&host).1.unwrap_err().kind, ScriptErrorKind::Timeout);
     engine.call(2, "ping", "[]");
     assert_eq!(last_reply(&host), (2, Ok("\"pong\"".to_owned())));
+}
+
+#[test]
+fn a_heap_hog_fails_its_call_and_the_runtime_still_answers() {
+    let script = "function hog() { const held = []; for (;;) held.push(new Array(1 << 16).fill(held.length)); }
+                  function ping() { return 'pong'; }";
+    // A generous CPU budget: deno_core's QuickJS backend, unoptimised, takes about five
+    // seconds of CPU to fill 32 MiB this way (QuickJS through rquickjs a fraction of that).
+    let (engine, host) = start(script, 20_000).unwrap();
+    engine.call(1, "hog", "[]");
+    assert_eq!(last_reply(&host).1.unwrap_err().kind, ScriptErrorKind::OutOfMemory);
+    engine.call(2, "ping", "[]");
+    assert_eq!(last_reply(&host), (2, Ok("\"pong\"".to_owned())));
+    engine.call(3, "hog", "[]");
+    assert_eq!(last_reply(&host).1.unwrap_err().kind, ScriptErrorKind::OutOfMemory, "the limit is back");
+}
+
+#[test]
+fn a_promise_job_past_the_budget_answers_its_call_with_timeout() {
+    let script = "async function spinAfterAwait() { await null; for (;;) {} } function ping() { return 'pong'; }";
+    let (engine, host) = start(script, 50).unwrap();
+    engine.call(1, "spinAfterAwait", "[]");
+    assert_eq!(reply_to(&host, 1).unwrap_err().kind, ScriptErrorKind::Timeout);
+    engine.call(2, "ping", "[]");
+    assert_eq!(reply_to(&host, 2), Ok("\"pong\"".to_owned()));
+}
+
+#[test]
+fn an_unhandled_rejection_is_logged() {
+    let (engine, host) = start("function reject() { Promise.reject(new Error('nobody listens')); }", 1_000).unwrap();
+    engine.call(1, "reject", "[]");
+    let logs = host.logs.borrow();
+    assert!(
+        logs.iter().any(|(level, text)| *level == LogLevel::Error
+            && text.contains("unhandled promise rejection: nobody listens")),
+        "{logs:?}"
+    );
 }
 
 #[test]
@@ -298,7 +336,7 @@ fn an_async_get_history_answers_the_join_once_it_settles() {
 fn start_durable(script: &str, entries: &[(&str, &str)], max_bytes: u64) -> (Engine, Rc<StandInHost>) {
     let host = Rc::new(StandInHost::default());
     let limits =
-        RuntimeLimits { heap_bytes: 32 * 1024 * 1024, cpu_ms_per_call: 1_000, max_frame_bytes: 1 << 20 };
+        RuntimeLimits { engine: ENGINE, heap_bytes: 32 * 1024 * 1024, cpu_ms_per_call: 1_000, max_frame_bytes: 1 << 20 };
     let storage = Durable {
         alarm_at: None,
         max_bytes,
