@@ -43,7 +43,8 @@ function later(ms) {
   });
 }
 function spin() { for (;;) {} }
-function hog() { const held = []; for (;;) held.push(new Array(1 << 16).fill(held.length)); }
+// Megabyte strings: the heap limit is reached in a few dozen allocations on either engine.
+function hog() { const held = []; for (;;) held.push("x".repeat(1 << 20) + held.length); }
 function throwing() { throw new TypeError("nope, says the script"); }
 function microtaskOrder() {
   const order = [];
@@ -258,7 +259,7 @@ function getHistory(limit) { return messages.slice(-limit); }
 function sendMessage(sender, text) {
   if (text === "throw") throw new Error("the script refused: " + text);
   if (text === "spin") for (;;) {}
-  if (text === "hog") { const held = []; for (;;) held.push(new Array(1 << 16).fill(held.length)); }
+  if (text === "hog") { const held = []; for (;;) held.push("x".repeat(1 << 20) + held.length); }
   const message = { id: messages.length + 1, sender, text, timestamp: Date.now() };
   messages.push(message);
   Beam.callSync("broadcast", message);
