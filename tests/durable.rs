@@ -135,6 +135,8 @@ async fn every_acknowledged_message_survives_kill_9_of_the_worker() {
     let mut client = gateway.connect().await;
     let (join_ref, _) = client.join_ok(TOPIC).await;
     let pid = gateway.wait_room_pid("durable");
+    // Enough acknowledged before the kill to mean something, however fast the engine is.
+    let mut acked = flood(&mut client, &join_ref, 100, 16, "before").await;
     let (killed, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     let (killed_flag, stop_flag) = (killed.clone(), stop.clone());
     let killer = std::thread::spawn(move || {
@@ -144,7 +146,7 @@ async fn every_acknowledged_message_survives_kill_9_of_the_worker() {
         std::thread::sleep(Duration::from_millis(700));
         stop_flag.store(true, Ordering::SeqCst);
     });
-    let acked = flood_until(&mut client, &join_ref, usize::MAX, 16, "flood", &stop).await;
+    acked.extend(flood_until(&mut client, &join_ref, usize::MAX, 16, "flood", &stop).await);
     killer.join().unwrap();
     assert!(killed.load(Ordering::SeqCst), "the worker was killed while the flood went on");
     eprintln!("{} messages acknowledged around the kill", acked.len());
@@ -165,12 +167,14 @@ async fn every_acknowledged_message_survives_kill_9_of_the_gateway() {
     let gateway = start(&data, &[]);
     let mut client = gateway.connect().await;
     let (join_ref, _) = client.join_ok(TOPIC).await;
+    // Enough acknowledged before the kill to mean something, however fast the engine is.
+    let mut acked = flood(&mut client, &join_ref, 100, 16, "before").await;
     let gateway_pid = gateway.pid();
     let killer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(100));
         kill9(gateway_pid);
     });
-    let acked = flood(&mut client, &join_ref, 100_000, 16, "flood").await;
+    acked.extend(flood(&mut client, &join_ref, 100_000, 16, "flood").await);
     killer.join().unwrap();
     drop(gateway);
     assert!(acked.len() > 50, "enough messages were acknowledged to mean something: {}", acked.len());
