@@ -396,21 +396,6 @@ async fn every_acknowledged_message_survives_kill_9_of_the_owner_node() {
     assert!(history[..history.len() - 1].iter().all(|id| *id < next), "{next} after {history:?}");
 }
 
-/// A room whose alarm counts how often it fired, in storage (as in tests/durable.rs).
-const ALARM_ROOM: &str = r#"
-function onJoin(conn, params) {
-  return { fired: Room.storage.get("fired") ?? 0, alarm: Room.getAlarm() };
-}
-function onEvent(conn, event, payload) {
-  if (event === "arm") Room.setAlarm(Date.now() + payload.in);
-  return { alarm: Room.getAlarm() };
-}
-function onAlarm() {
-  Room.storage.put("fired", (Room.storage.get("fired") ?? 0) + 1);
-  console.log("alarm fired");
-}
-"#;
-
 /// Sets the alarm of `topic` to fire in `in_ms`, through a client of `gateway`.
 async fn arm(gateway: &Gateway, topic: &str, in_ms: u64) {
     let mut client = gateway.connect().await;
@@ -432,7 +417,7 @@ async fn alarm_state(gateway: &Gateway, topic: &str) -> (u64, Value) {
 #[tokio::test]
 async fn an_alarm_runs_once_in_the_cluster_even_when_its_owner_dies() {
     let Some(nats) = Nats::start() else { return };
-    let script = common::script_file("cluster-alarm.js", ALARM_ROOM);
+    let script = common::script_file("cluster-alarm.js", common::ALARM_ROOM);
     let kind = format!("alarm={}", script.display());
     let args = ["--room", kind.as_str()];
     let mut owner = nats.gateway_with("gw-a", &args);

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{kill9, script_file, wait_for, Client, Gateway};
+use common::{kill9, script_file, wait_for, Client, Gateway, ALARM_ROOM};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -288,21 +288,6 @@ async fn an_idle_durable_room_hibernates_and_wakes_with_its_state() {
 fn new_pid(gateway: &Gateway, room: &str, old: u32) -> u32 {
     wait_for(|| gateway.room_pid(room).filter(|pid| *pid != old)).expect("a new runtime took over")
 }
-
-/// A room whose alarm counts how often it fired, in storage.
-const ALARM_ROOM: &str = r#"
-function onJoin(conn, params) {
-  return { fired: Room.storage.get("fired") ?? 0, alarm: Room.getAlarm() };
-}
-function onEvent(conn, event, payload) {
-  if (event === "arm") Room.setAlarm(Date.now() + payload.in);
-  return { alarm: Room.getAlarm() };
-}
-function onAlarm() {
-  Room.storage.put("fired", (Room.storage.get("fired") ?? 0) + 1);
-  console.log("alarm fired");
-}
-"#;
 
 #[tokio::test]
 async fn an_alarm_starts_a_stopped_room_and_survives_a_gateway_restart() {

@@ -621,3 +621,19 @@ pub fn non_loopback_address() -> Option<std::net::IpAddr> {
     let ip = socket.local_addr().ok()?.ip();
     (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
 }
+
+/// A durable room whose alarm counts how often it fired, in storage; a join reports the count
+/// and the alarm, the event `arm` `{in: ms}` sets it (tests/durable.rs, tests/cluster.rs).
+pub const ALARM_ROOM: &str = r#"
+function onJoin(conn, params) {
+  return { fired: Room.storage.get("fired") ?? 0, alarm: Room.getAlarm() };
+}
+function onEvent(conn, event, payload) {
+  if (event === "arm") Room.setAlarm(Date.now() + payload.in);
+  return { alarm: Room.getAlarm() };
+}
+function onAlarm() {
+  Room.storage.put("fired", (Room.storage.get("fired") ?? 0) + 1);
+  console.log("alarm fired");
+}
+"#;

@@ -346,15 +346,7 @@ impl Engine {
         runtime.v8_isolate().set_promise_reject_callback(log_unhandled_rejection);
 
         let out_of_memory = Rc::new(Cell::new(false));
-        let flag = out_of_memory.clone();
-        let isolate = runtime.v8_isolate().thread_safe_handle();
-        runtime.add_near_heap_limit_callback(move |current, _initial| {
-            // V8 would abort the process at the limit: stop the script instead, and lend it
-            // half as much again to unwind in. The limit goes back after the macrotask.
-            flag.set(true);
-            isolate.terminate_execution();
-            current + current / 2
-        });
+        stop_at_heap_limit(&mut runtime, &out_of_memory);
         let watchdog = Watchdog::start(runtime.v8_isolate().thread_safe_handle())
             .map_err(|e| ScriptError::exception(format!("engine setup: no CPU watchdog: {e}")))?;
 
@@ -526,6 +518,12 @@ impl Engine {
 /// Puts the heap limit back to the room's own after an out-of-memory raised it.
 fn reset_heap_limit(runtime: &mut JsRuntime, heap_bytes: usize, out_of_memory: &Rc<Cell<bool>>) {
     runtime.remove_near_heap_limit_callback(heap_bytes);
+    stop_at_heap_limit(runtime, out_of_memory);
+}
+
+/// V8 would abort the process at the heap limit: stop the script instead, flag it, and lend it
+/// half as much again to unwind in. The limit goes back after the macrotask (`reset_heap_limit`).
+fn stop_at_heap_limit(runtime: &mut JsRuntime, out_of_memory: &Rc<Cell<bool>>) {
     let flag = out_of_memory.clone();
     let isolate = runtime.v8_isolate().thread_safe_handle();
     runtime.add_near_heap_limit_callback(move |current, _initial| {
