@@ -117,8 +117,9 @@ async fn a_flood_of_room_ids_evicts_idle_rooms_and_never_passes_the_limit() {
         assert!(live <= 4, "{live} live rooms past a limit of 4");
     }
     // Evicted workers are asked to exit and are reaped: they do not pile up, not even as
-    // zombies. The gateway's children are exactly the four live rooms' workers.
-    common::wait_for(|| (common::children_of(gateway.pid()).len() == 4).then_some(()))
+    // zombies. The gateway's room workers are exactly the four live rooms' (the warm pool's
+    // spares and template are children too, but not room workers).
+    common::wait_for(|| (common::workers_of(gateway.pid()).len() == 4).then_some(()))
         .unwrap_or_else(|| panic!("children left: {:?}", common::children_of(gateway.pid())));
     let zombies = common::zombies_of(gateway.pid());
     assert!(zombies.is_empty(), "evicted workers left unreaped: {zombies:?}");

@@ -102,9 +102,10 @@ async fn without_a_room_worker_binary_the_gateway_runs_itself_as_the_worker() {
     assert_eq!(workers.len(), 1, "{workers:?}");
     assert_eq!(workers[0].pid, pid);
     assert_eq!(workers[0].argv0, "room-worker", "ps shows it as a room worker");
-    // The kernel names it after the executable, not argv[0]: workers_of finds it (and its
-    // zombie, whose argv[0] is gone) by the gateway's own comm.
-    assert_eq!(workers[0].comm, "gateway", "comm is the executable's file name");
+    // The kernel would name it after the executable; the worker renames itself (prctl) once
+    // it runs a room, so `ps -e` and workers_of (which also sees its zombie, whose argv[0]
+    // is gone) know it as a room worker whichever binary it is.
+    assert_eq!(workers[0].comm, "room-worker", "comm names the role, not the executable");
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert_eq!(exe, lone, "the worker is the gateway executable itself");
     drop(gateway);

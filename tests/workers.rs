@@ -51,7 +51,9 @@ impl FakeWorker {
     fn gateway(&self, extra: &[&str]) -> Gateway {
         let bin = self.dir.join("room-worker");
         let bin = bin.to_str().expect("a UTF-8 temp path");
-        let mut args = vec!["--worker-bin", bin];
+        // No warm pool: the fake counts exec'd starts as room starts, which only holds when
+        // every room execs its own worker (tests/warm.rs covers the pool).
+        let mut args = vec!["--worker-bin", bin, "--warm-workers", "0"];
         args.extend_from_slice(extra);
         Gateway::start(&args)
     }

@@ -127,6 +127,13 @@ pub struct Config {
     #[arg(long = "allowed-origin", env = "ROOMVISOR_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
+    /// Worker processes kept started and prepared (engine up, prelude loaded) for rooms not
+    /// yet asked for: a new room takes one instead of starting a process. Refilled in the
+    /// background, by forks of a prepared template where the engine allows; 0 turns the pool
+    /// (and the template) off.
+    #[arg(long, value_parser = ranged::<usize>(0..=1024), env = "ROOMVISOR_WARM_WORKERS", default_value_t = 8)]
+    pub warm_workers: usize,
+
     /// Calls that may wait for one room; past it callers get `room busy` at once.
     #[arg(long, value_parser = ranged::<usize>(1..=65_536), env = "ROOMVISOR_MAX_QUEUED_CALLS", default_value_t = 256)]
     pub max_queued_calls: usize,

@@ -241,7 +241,11 @@ const STORAGE_HEALTH_WAIT: std::time::Duration = std::time::Duration::from_secs(
 
 async fn healthz(State(state): State<AppState>) -> Response {
     let supervisor = &state.socket.supervisor;
-    let mut body = json!({ "status": "ok", "rooms": supervisor.live_room_count() });
+    let mut body = json!({
+        "status": "ok",
+        "rooms": supervisor.live_room_count(),
+        "warm_workers": supervisor.warm_workers(),
+    });
     let mut ready = true;
     if let Some(storage) = supervisor.storage() {
         // Rooms that keep state, live or not: far more can exist than run.

@@ -18,6 +18,15 @@ impl EngineKind {
         if cfg!(any(feature = "deno", feature = "v8")) { EngineKind::Deno } else { EngineKind::Quickjs };
 }
 
+impl EngineKind {
+    /// Whether a prepared runtime of this engine can be forked (the warm pool's template):
+    /// QuickJS runs on the worker's one thread; deno_core keeps a watchdog thread, which a
+    /// fork would lose.
+    pub fn forks(self) -> bool {
+        self == EngineKind::Quickjs
+    }
+}
+
 impl std::fmt::Display for EngineKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -28,7 +37,7 @@ impl std::fmt::Display for EngineKind {
 }
 
 /// What the gateway hands to each new runtime: the engine to run it on and its limits. The
-/// engine travels here, in the Start frame, so that a worker never guesses it from its
+/// engine travels here, in the first frame (`Prepare`), so that a worker never guesses it from its
 /// environment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuntimeLimits {
@@ -51,14 +60,24 @@ pub struct StorageInit {
 /// Frames the gateway sends to a worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ToWorker {
-    /// Always the first frame: which room this runtime is and what it runs.
+    /// Always the first frame: the engine and limits to get ready. A worker then waits for
+    /// `Start`, which may come much later: a warm worker sits in the gateway's pool, engine
+    /// up and prelude loaded, until a room takes it.
+    Prepare {
+        limits: RuntimeLimits,
+    },
+    /// Instead of `Prepare`, to the pool's template: get ready, then fork one prepared worker
+    /// for each socket handed over (see `worker::template`); never followed by `Start`.
+    Template {
+        limits: RuntimeLimits,
+    },
+    /// Which room this runtime is and what it runs; the second frame, after `Prepare`.
     Start {
         room_id: String,
         /// The room's kind (its topic is `kind:room_id`).
         kind: String,
         script_name: String,
         script: String,
-        limits: RuntimeLimits,
         /// JSON object the script reads as `Room.settings` (the chat's limits, say).
         settings: String,
         /// This run's epoch (`Room.epoch`): larger than any earlier run's of the room.

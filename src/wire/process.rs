@@ -11,7 +11,7 @@ pub const WORKER_ARGV0: &str = "room-worker";
 pub const PARENT_PID_ENV: &str = "ROOMVISOR_GATEWAY_PID";
 
 /// Frames over this size are a protocol violation (the default of the
-/// `--max-ipc-frame-bytes` limit); the worker reads its `Start` frame under this cap, before
+/// `--max-ipc-frame-bytes` limit); the worker reads its first frames under this cap, before
 /// it learns the configured one.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 

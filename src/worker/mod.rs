@@ -6,6 +6,7 @@
 
 mod engine;
 mod pipe;
+mod template;
 
 use std::io;
 use std::process::ExitCode;
@@ -32,21 +33,43 @@ fn run() -> io::Result<()> {
     close_inherited_descriptors();
     let io = Rc::new(Pipe::from_stdio()?);
 
-    let (room_id, kind, script_name, script, limits, settings, epoch, storage) = match io.read(None)? {
-        Incoming::Frame(ToWorker::Start {
-            room_id,
-            kind,
-            script_name,
-            script,
-            limits,
-            settings,
-            epoch,
-            storage,
-        }) => (room_id, kind, script_name, script, limits, settings, epoch, storage),
+    let (limits, prepared) = match io.read_first()? {
+        Some(ToWorker::Prepare { limits }) => {
+            name_process(c"room-spare");
+            (limits, Engine::prepare(&limits, io.clone()))
+        }
+        Some(ToWorker::Template { limits }) => {
+            name_process(c"room-template");
+            let prepared = Engine::prepare(&limits, io.clone())
+                .map_err(|e| io::Error::other(format!("cannot prepare the engine: {}", e.message)))?;
+            if !Engine::FORKABLE {
+                return Err(protocol_error("this engine cannot be forked from a template".to_owned()));
+            }
+            match template::serve()? {
+                // The gateway closed the template's socket: the pool is gone.
+                None => return Ok(()),
+                Some(socket) => {
+                    // A fork's first moments: the parent-death signal is not inherited.
+                    die_with_gateway()?;
+                    name_process(c"room-spare");
+                    io.rebind(socket)?;
+                    (limits, Ok(prepared))
+                }
+            }
+        }
+        None => return Ok(()),
+        Some(other) => return Err(protocol_error(format!("expected Prepare, got {other:?}"))),
+    };
+    io.set_max_frame_bytes(usize::try_from(limits.max_frame_bytes).unwrap_or(DEFAULT_MAX_FRAME_BYTES));
+
+    let (room_id, kind, script_name, script, settings, epoch, storage) = match io.read(None)? {
+        Incoming::Frame(ToWorker::Start { room_id, kind, script_name, script, settings, epoch, storage }) => {
+            (room_id, kind, script_name, script, settings, epoch, storage)
+        }
         Incoming::Closed => return Ok(()),
         other => return Err(protocol_error(format!("expected Start, got {other:?}"))),
     };
-    io.set_max_frame_bytes(usize::try_from(limits.max_frame_bytes).unwrap_or(DEFAULT_MAX_FRAME_BYTES));
+    name_process(c"room-worker");
     let storage = match storage {
         Some(init) => Some(restore(&io, init)?),
         None => None,
@@ -61,7 +84,7 @@ fn run() -> io::Result<()> {
         storage,
     };
 
-    let engine = match Engine::start(&room, &limits, io.clone()) {
+    let engine = match prepared.and_then(|prepared| prepared.start(&room)) {
         Ok(engine) => engine,
         Err(error) => {
             io.send(FromWorker::StartFailed(error));
@@ -82,9 +105,12 @@ fn run() -> io::Result<()> {
             Incoming::Frame(ToWorker::Deliver { channel, data }) => engine.deliver(&channel, &data),
             Incoming::Frame(ToWorker::Stats) => io.send(FromWorker::Stats(engine.stats())),
             Incoming::Frame(ToWorker::Shutdown) | Incoming::Closed => break,
-            Incoming::Frame(ToWorker::Start { .. } | ToWorker::Restore { .. }) => {
-                return Err(protocol_error("Start or Restore after the start".to_owned()))
-            }
+            Incoming::Frame(
+                ToWorker::Prepare { .. }
+                | ToWorker::Template { .. }
+                | ToWorker::Start { .. }
+                | ToWorker::Restore { .. },
+            ) => return Err(protocol_error("a start-up frame after the start".to_owned())),
             Incoming::TimedOut => {}
         }
         // Each turn's writes apart, so the gateway holds only what they caused.
@@ -124,6 +150,12 @@ fn close_inherited_descriptors() {
         // The directory's own descriptor is among them, closed already by then: EBADF.
         let _ = nix::unistd::close(fd);
     }
+}
+
+/// What `ps` and `/proc/PID/comm` show: a pool's template and spares apart from the
+/// workers that run rooms, whatever executable they are.
+fn name_process(name: &std::ffi::CStr) {
+    let _ = nix::sys::prctl::set_name(name);
 }
 
 /// `PR_SET_PDEATHSIG` kills this process when the gateway dies, even by `kill -9`.

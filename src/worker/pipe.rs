@@ -106,6 +106,35 @@ impl Pipe {
         })
     }
 
+    /// Reads exactly one frame, without reading ahead: the first frame, before the worker
+    /// knows whether it forks (a template's later messages carry descriptors, which a read
+    /// ahead would swallow). `None` at end of input.
+    pub(super) fn read_first(&self) -> io::Result<Option<ToWorker>> {
+        let mut input = self.input.borrow_mut();
+        let mut length = [0u8; 4];
+        match input.read_exact(&mut length) {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            read => read?,
+        }
+        let length = u32::from_be_bytes(length) as usize;
+        if length > self.max_frame_bytes.get() {
+            return Err(protocol_error(format!("a first frame of {length} bytes")));
+        }
+        let mut body = vec![0; length];
+        input.read_exact(&mut body)?;
+        crate::wire::decode(&body).map(Some).map_err(|e| protocol_error(e.to_string()))
+    }
+
+    /// Makes `socket` this worker's end of the pipe pair, as fd 0 too: a worker forked from
+    /// the template starts with the template's control socket there, which must not stay
+    /// open in a room (the gateway learns that the template died from its end of file).
+    pub(super) fn rebind(&self, socket: OwnedFd) -> io::Result<()> {
+        nix::unistd::dup2_stdin(&socket).map_err(io::Error::from)?;
+        *self.input.borrow_mut() = File::from(socket.try_clone()?);
+        *self.output.borrow_mut() = File::from(socket);
+        Ok(())
+    }
+
     pub(super) fn set_max_frame_bytes(&self, max: usize) {
         *self.codec.borrow_mut() = WorkerCodec::new(max);
         self.max_frame_bytes.set(max);

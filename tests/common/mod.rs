@@ -455,6 +455,16 @@ pub fn workers_of(gateway: u32) -> Vec<ProcessInfo> {
         .collect()
 }
 
+/// The `comm` of a warm pool's prepared worker that no room has taken yet.
+pub const SPARE_COMM: &str = "room-spare";
+/// The `comm` of the warm pool's template, which forks the spares.
+pub const TEMPLATE_COMM: &str = "room-template";
+
+/// The warm pool's processes (spares and template): children of the gateway, not rooms.
+pub fn pool_of(gateway: u32) -> Vec<ProcessInfo> {
+    children_of(gateway).into_iter().filter(|p| p.comm == SPARE_COMM || p.comm == TEMPLATE_COMM).collect()
+}
+
 /// Live (not defunct) room workers of the gateway.
 pub fn live_workers_of(gateway: u32) -> Vec<ProcessInfo> {
     workers_of(gateway).into_iter().filter(|p| p.state != 'Z').collect()

@@ -3,28 +3,33 @@
 //! plug in a stand-in.
 
 use std::future::Future;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::os::unix::process::CommandExt;
-use std::process::Command;
 
 use super::console::{ConsoleLog, Consoles};
 use super::error::RoomError;
 use super::handle::{ExitReport, ReadySignal, RoomHandle};
 use super::placement::BoxFuture;
 use super::process;
+use super::spawn::{exec_worker, NewWorker, WorkerCommand};
+use super::warm::WarmPool;
 use crate::gateway::config::Config;
 use crate::gateway::ids::{RoomId, RuntimeId};
 use crate::gateway::pubsub::PubSub;
 use crate::gateway::storage::Storage;
-use crate::wire::{RuntimeLimits, ScriptError, PARENT_PID_ENV};
+use crate::wire::{RuntimeLimits, ScriptError, ToWorker};
 
 /// Starts one runtime of a room.
 pub(crate) trait Launcher: Send + Sync + 'static {
     fn launch(&self, room: &RoomId, runtime: RuntimeId) -> Result<Launched, RoomError>;
+
+    /// Prepared workers waiting for rooms.
+    fn warm_workers(&self) -> usize {
+        0
+    }
+
+    /// No more rooms will start: let go of anything kept ready for them.
+    fn close(&self) {}
 }
 
 /// A runtime on its way up: its handle, the signal that it is ready (or failed), and its
@@ -41,6 +46,8 @@ pub(crate) struct ProcessLauncher {
     pub pubsub: Arc<PubSub>,
     pub consoles: Consoles,
     pub storage: Option<Storage>,
+    /// Prepared workers for new rooms; `None` with `--warm-workers 0`.
+    pub pool: Option<WarmPool>,
 }
 
 impl Launcher for ProcessLauncher {
@@ -52,15 +59,14 @@ impl Launcher for ProcessLauncher {
             std::io::ErrorKind::InvalidData => RoomError::StartFailed(ScriptError::exception(e.to_string())),
             _ => RoomError::ScriptUnreadable(Arc::new(e)),
         })?;
-        let (worker_path, worker_argv0) = config.worker_command().map_err(|e| {
+        let (path, argv0) = config.worker_command().map_err(|e| {
             tracing::error!(room = %room, "cannot find the room-worker executable: {e}");
             RoomError::WorkerNotFound(Arc::new(e))
         })?;
         let spec = RoomSpec {
             room: room.clone(),
             runtime,
-            worker_path,
-            worker_argv0,
+            worker: WorkerCommand { path, argv0 },
             script_name,
             script,
             limits: config.runtime_limits(),
@@ -71,7 +77,7 @@ impl Launcher for ProcessLauncher {
             max_queued_calls: config.max_queued_calls,
             storage: self.storage.clone(),
         };
-        let (handle, ready, actor) = spawn(spec, self.pubsub.clone()).map_err(|e| {
+        let (handle, ready, actor) = spawn(spec, self.pubsub.clone(), self.pool.as_ref()).map_err(|e| {
             tracing::error!(room = %room, "cannot start a room worker: {e}");
             RoomError::SpawnFailed(Arc::new(e))
         })?;
@@ -79,6 +85,37 @@ impl Launcher for ProcessLauncher {
         // shipper can filter on (`--log-format json` puts them in each line's `span`).
         let span = tracing::info_span!("room", kind = room.kind(), id = room.as_str(), pid = handle.pid);
         Ok(Launched { handle, ready, actor: Box::pin(tracing::Instrument::instrument(actor, span)) })
+    }
+
+    fn warm_workers(&self) -> usize {
+        self.pool.as_ref().map_or(0, WarmPool::spares)
+    }
+
+    fn close(&self) {
+        if let Some(pool) = &self.pool {
+            pool.close();
+        }
+    }
+}
+
+impl ProcessLauncher {
+    pub fn new(
+        config: Arc<Config>,
+        pubsub: Arc<PubSub>,
+        consoles: Consoles,
+        storage: Option<Storage>,
+    ) -> Self {
+        let pool = match config.worker_command() {
+            Ok((path, argv0)) => {
+                WarmPool::start(config.warm_workers, WorkerCommand { path, argv0 }, config.runtime_limits())
+            }
+            // Every room start will say so too.
+            Err(e) => {
+                tracing::error!("cannot find the room-worker executable, no warm workers: {e}");
+                None
+            }
+        };
+        ProcessLauncher { config, pubsub, consoles, storage, pool }
     }
 }
 
@@ -88,8 +125,7 @@ pub struct RoomSpec {
     pub room: RoomId,
     /// Unique per start; tells a restarted room's worker from the one it replaces.
     pub runtime: RuntimeId,
-    pub worker_path: PathBuf,
-    pub worker_argv0: &'static str,
+    pub worker: WorkerCommand,
     pub script_name: String,
     pub script: String,
     pub limits: RuntimeLimits,
@@ -105,35 +141,22 @@ pub struct RoomSpec {
     pub storage: Option<Storage>,
 }
 
-/// Starts the worker process and its actor. The returned future is the actor: it must be
-/// polled (spawned) for the room to work, and resolves once the worker is gone and reaped.
-///
-/// One descriptor per worker in the gateway: a socket pair whose other end is the worker's
-/// fd 0 carries frames both ways (three pipes capped a gateway at about 5,000 rooms under a
-/// 20,000 descriptor limit). The script's console and the worker's own diagnostics travel as
-/// `Log` frames; what a worker writes to stderr before the frames are up (the loader, a panic)
-/// goes straight to the gateway's own stderr, which it inherits, so it lands in the same log.
-pub fn spawn(
+/// Starts the worker process (a spare from the warm pool when it has one) and its actor. The
+/// returned future is the actor: it must be polled (spawned) for the room to work, and
+/// resolves once the worker is gone and reaped.
+pub(super) fn spawn(
     spec: RoomSpec,
     pubsub: Arc<PubSub>,
+    pool: Option<&WarmPool>,
 ) -> std::io::Result<(RoomHandle, ReadySignal, impl Future<Output = ExitReport> + Send)> {
-    let (gateway_end, worker_end) = std::os::unix::net::UnixStream::pair()?;
-    let mut command = Command::new(&spec.worker_path);
-    command
-        .arg0(spec.worker_argv0)
-        .env(PARENT_PID_ENV, std::process::id().to_string())
-        .stdin(Stdio::from(std::os::fd::OwnedFd::from(worker_end)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    // The child is spawned from a runtime worker thread that lives as long as the gateway:
-    // PR_SET_PDEATHSIG fires when the spawning *thread* exits, so never spawn from
-    // spawn_blocking, whose threads come and go.
-    let child = command.spawn()?;
-    // The worker's end closes here with the command, so that the gateway reads end of file
-    // once the worker is gone; the actor reaps it by pid (see `reap.rs`).
-    drop(command);
-    let pid = child.id();
-    gateway_end.set_nonblocking(true)?;
-    let channel = tokio::net::UnixStream::from_std(gateway_end)?;
-    process::start(spec, pid, channel, pubsub)
+    let worker = match pool.and_then(WarmPool::take) {
+        Some(worker) => worker,
+        // Spawned from a runtime worker thread, which lives as long as the gateway (see
+        // `exec_worker`).
+        None => exec_worker(&spec.worker, ToWorker::Prepare { limits: spec.limits })?,
+    };
+    let NewWorker { process, socket } = worker;
+    socket.set_nonblocking(true)?;
+    let channel = tokio::net::UnixStream::from_std(socket)?;
+    process::start(spec, process, channel, pubsub)
 }

@@ -14,10 +14,12 @@ mod placement;
 mod process;
 mod reap;
 mod shares;
+mod spawn;
 mod stdin;
 mod supervisor;
 #[cfg(test)]
 mod tests;
+mod warm;
 
 pub use crate::gateway::ids::{InvalidRoomId, NodeId, RoomId, RuntimeId, DEFAULT_KIND};
 pub use console::ConsoleLine;

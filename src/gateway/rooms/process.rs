@@ -55,11 +55,12 @@ const RESTORE_CHUNK_BYTES: u64 = 1024 * 1024;
 /// polled (spawned) for the room to work, and resolves once the worker is gone and reaped.
 pub(super) fn start(
     spec: RoomSpec,
-    pid: u32,
+    child: WorkerProcess,
     channel: UnixStream,
     pubsub: Arc<PubSub>,
 ) -> std::io::Result<(RoomHandle, ReadySignal, impl Future<Output = ExitReport> + Send)> {
     let (from_worker, to_worker) = channel.into_split();
+    let pid = child.pid();
 
     let durable = spec.storage.is_some();
     let (handle, HandleEnds { commands, kill, calls, stored_bytes }) = RoomHandle::new(
@@ -76,7 +77,7 @@ pub(super) fn start(
     let actor = Actor {
         stdin: Stdin::spawn(to_worker, max_frame, spec.hard_timeout),
         reader: FramedRead::new(from_worker, GatewayCodec::new(max_frame)),
-        child: WorkerProcess::new(pid),
+        child,
         pid,
         commands,
         inbox,
@@ -258,7 +259,6 @@ impl Actor {
             kind: room.kind().to_owned(),
             script_name: self.spec.script_name.clone(),
             script: std::mem::take(&mut self.spec.script),
-            limits: self.spec.limits,
             settings: std::mem::take(&mut self.spec.settings),
             epoch,
             storage,

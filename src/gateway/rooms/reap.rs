@@ -28,6 +28,21 @@ impl WorkerProcess {
         WorkerProcess { pid: Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX)), status: None }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.pid.as_raw() as u32
+    }
+
+    /// Kills it and waits for it, blocking: for workers that never ran a room (the pool's
+    /// spares and template), off the async runtime. SIGKILL makes the wait short.
+    pub fn kill_and_reap(&mut self) {
+        if self.status.is_none() {
+            self.kill();
+            if waitpid(self.pid, None).is_ok() {
+                self.status = Some(ExitStatus::from_raw(Signal::SIGKILL as i32));
+            }
+        }
+    }
+
     pub fn kill(&self) {
         if self.status.is_none() {
             let _ = kill(self.pid, Signal::SIGKILL);

@@ -110,12 +110,8 @@ impl Supervisor {
         storage: Option<Storage>,
     ) -> Supervisor {
         let consoles = Consoles::default();
-        let launcher = ProcessLauncher {
-            config: config.clone(),
-            pubsub: pubsub.clone(),
-            consoles: consoles.clone(),
-            storage: storage.clone(),
-        };
+        let launcher =
+            ProcessLauncher::new(config.clone(), pubsub.clone(), consoles.clone(), storage.clone());
         Supervisor::with_launcher(config, pubsub, placement, Box::new(launcher), consoles, storage)
     }
 
@@ -249,6 +245,11 @@ impl Supervisor {
         }
     }
 
+    /// Worker processes started and prepared, waiting for rooms (`--warm-workers`).
+    pub fn warm_workers(&self) -> usize {
+        self.inner.launcher.warm_workers()
+    }
+
     /// How many rooms have a live worker.
     pub fn live_room_count(&self) -> usize {
         self.lock().rooms.values().filter(|slot| matches!(slot, Slot::Live(_))).count()
@@ -262,6 +263,8 @@ impl Supervisor {
             state.shutting_down = true;
             state.workers.values().cloned().collect()
         };
+        // No new spares while the rooms go; the ones waiting go with the pool's close.
+        self.inner.launcher.close();
         for worker in &workers {
             worker.shutdown().await;
         }

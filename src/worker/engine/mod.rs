@@ -99,13 +99,47 @@ macro_rules! each_backend {
     };
 }
 
+/// An engine made ready before its room is known: the runtime up, its limits set and the
+/// prelude compiled. What is left for [`Prepared::start`] is the room's own part: binding
+/// the API to the room and evaluating its script.
+pub enum Prepared {
+    #[cfg(not(any(feature = "deno", feature = "v8")))]
+    Quickjs(quickjs::Prepared),
+    /// deno_core's runtime runs a watchdog thread, and a prepared one could only be forked
+    /// with that thread lost: its start waits for the room.
+    #[cfg(any(feature = "deno", feature = "v8"))]
+    Deno { limits: RuntimeLimits, host: Rc<dyn Host> },
+}
+
+impl Prepared {
+    /// Binds the API to the room and evaluates the room script.
+    pub fn start(self, room: &RoomInit<'_>) -> Result<Engine, ScriptError> {
+        match self {
+            #[cfg(not(any(feature = "deno", feature = "v8")))]
+            Prepared::Quickjs(prepared) => prepared.start(room).map(Engine::Quickjs),
+            #[cfg(any(feature = "deno", feature = "v8"))]
+            Prepared::Deno { limits, host } => deno::Engine::start(room, &limits, host).map(Engine::Deno),
+        }
+    }
+}
+
 impl Engine {
+    /// Whether a prepared engine may be copied into a child by `fork` (the pool's template):
+    /// only a single-threaded one, since a fork keeps the calling thread alone.
+    pub const FORKABLE: bool = cfg!(not(any(feature = "deno", feature = "v8")));
+
     /// Creates the runtime, installs the API and evaluates the room script.
+    #[cfg(test)]
     pub fn start(
         room: &RoomInit<'_>,
         limits: &RuntimeLimits,
         host: Rc<dyn Host>,
     ) -> Result<Engine, ScriptError> {
+        Engine::prepare(limits, host)?.start(room)
+    }
+
+    /// Everything of a start that does not depend on the room.
+    pub fn prepare(limits: &RuntimeLimits, host: Rc<dyn Host>) -> Result<Prepared, ScriptError> {
         // The gateway refuses an engine its build lacks; a worker of another build (through
         // --worker-bin) could still be handed one.
         if limits.engine != EngineKind::BUILT {
@@ -116,9 +150,9 @@ impl Engine {
             )));
         }
         #[cfg(not(any(feature = "deno", feature = "v8")))]
-        return quickjs::Engine::start(room, limits, host).map(Engine::Quickjs);
+        return quickjs::Prepared::new(limits, host).map(Prepared::Quickjs);
         #[cfg(any(feature = "deno", feature = "v8"))]
-        return deno::Engine::start(room, limits, host).map(Engine::Deno);
+        return Ok(Prepared::Deno { limits: *limits, host });
     }
 
     /// Invokes a top-level script function. The reply reaches the host now, or when the

@@ -43,14 +43,24 @@ pub struct Engine {
     host: Rc<dyn Host>,
 }
 
-impl Engine {
-    /// Creates the runtime, installs the API and evaluates the room script.
-    pub fn start(
-        room: &RoomInit<'_>,
-        limits: &RuntimeLimits,
-        host: Rc<dyn Host>,
-    ) -> Result<Engine, ScriptError> {
-        let setup_error = |e: rquickjs::Error| ScriptError::exception(format!("engine setup: {e}"));
+/// A runtime with its limits set, the natives made and the prelude evaluated: everything
+/// but the room. The gateway's warm workers wait like this, and the pool's template forks
+/// copies of one (see `worker::template`). Fields drop in order, the runtime last.
+pub struct Prepared {
+    install: Persistent<Function<'static>>,
+    natives: Persistent<Object<'static>>,
+    context: Context,
+    runtime: Runtime,
+    budget: Rc<CpuBudget>,
+    host: Rc<dyn Host>,
+}
+
+fn setup_error(e: rquickjs::Error) -> ScriptError {
+    ScriptError::exception(format!("engine setup: {e}"))
+}
+
+impl Prepared {
+    pub fn new(limits: &RuntimeLimits, host: Rc<dyn Host>) -> Result<Prepared, ScriptError> {
         let runtime = Runtime::new().map_err(setup_error)?;
         runtime.set_memory_limit(usize::try_from(limits.heap_bytes).unwrap_or(usize::MAX));
         runtime.set_max_stack_size(MAX_JS_STACK_BYTES);
@@ -67,14 +77,29 @@ impl Engine {
             },
         )));
         let context = Context::full(&runtime).map_err(setup_error)?;
-
         budget.start();
-        let hooks = context.with(|ctx| -> Result<_, ScriptError> {
+        let compiled = context.with(|ctx| -> Result<_, ScriptError> {
             let natives = natives(&ctx, host.clone()).map_err(setup_error)?;
             let install: Function = ctx
                 .eval_with_options(PRELUDE, eval_options("prelude.js", true))
                 .catch(&ctx)
                 .map_err(|e| to_script_error(e, &budget))?;
+            Ok((Persistent::save(&ctx, install), Persistent::save(&ctx, natives)))
+        });
+        budget.stop();
+        let (install, natives) = compiled?;
+        Ok(Prepared { install, natives, context, runtime, budget, host })
+    }
+
+    /// Binds the API to the room and evaluates the room script.
+    pub fn start(self, room: &RoomInit<'_>) -> Result<Engine, ScriptError> {
+        // Locals drop in reverse: the context before the runtime, as QuickJS requires should
+        // the script fail.
+        let Prepared { install, natives, runtime, context, budget, host } = self;
+        budget.start();
+        let hooks = context.with(|ctx| -> Result<_, ScriptError> {
+            let install = install.restore(&ctx).map_err(setup_error)?;
+            let natives = natives.restore(&ctx).map_err(setup_error)?;
             let durable = match &room.storage {
                 Some(durable) => Some(durable_object(&ctx, durable).map_err(setup_error)?),
                 None => None,
@@ -93,7 +118,9 @@ impl Engine {
         engine.budget.stop();
         Ok(engine)
     }
+}
 
+impl Engine {
     /// Invokes a top-level script function. The reply reaches the host now, or when the
     /// returned promise settles.
     pub fn call(&self, call_id: u64, function: &str, args_json: &str) {
