@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Runs every loadgen scenario against roomvisor, the limit server and the Socket.IO peer, one
-# server after another for each scenario (so a drift in the machine's load hits all three
-# alike), each freshly started, and writes BENCHMARKS.md from the results. presence-wave (a
-# wave of 1,000 joins into one room, counting the Presence frames it costs) runs against
-# roomvisor only: the limit and the peer have no Presence.
+# Runs every loadgen scenario against roomvisor, the limit server, the hop limit and the
+# Socket.IO peer, one server after another for each scenario (so a drift in the machine's load
+# hits them all alike), each freshly started, and writes BENCHMARKS.md from the results.
+# presence-wave (a wave of 1,000 joins into one room, counting the Presence frames it costs)
+# runs against roomvisor only: the limit, the hop limit and the peer have no Presence.
+#
+# "hop" is the limit server with --hop: one echo process per room, which every message goes
+# through and back before it is broadcast (no JS). roomvisor/hop is then the cost of JS, and
+# hop/limit the cost of the processes themselves.
 #
 # "durable" is the same gateway with --data-dir (a fresh directory per run): every chat
 # message is stored in SQLite before it is broadcast or acknowledged. It runs the scenarios
@@ -36,7 +40,7 @@ cd "$(dirname "$0")/.."
 
 ROUNDS=${ROUNDS:-1}
 SCENARIOS=${SCENARIOS:-"cold-start fanout many-rooms idle rooms-memory presence-wave stored-rooms"}
-SERVERS=${SERVERS:-"roomvisor durable cluster limit peer"}
+SERVERS=${SERVERS:-"roomvisor durable cluster limit hop peer"}
 SECONDS_PER_PHASE=${SECONDS_PER_PHASE:-10}
 REPORT=${REPORT:-BENCHMARKS.md}
 # release for figures worth reporting; CI's smoke run uses debug, which cargo test has built.
@@ -49,11 +53,16 @@ logs=target/bench-logs
 # 10,000 sockets on each side of the loopback need more descriptors than a usual soft limit.
 ulimit -n "$(ulimit -Hn)"
 
+# The gateway's binaries only when a server runs them.
+packages="-p limit-server -p loadgen"
+case " $SERVERS " in
+  *" roomvisor "*|*" durable "*|*" cluster "*) packages="-p roomvisor $packages" ;;
+esac
 echo "== building ($PROFILE)"
 if [ "$PROFILE" = release ]; then
-  cargo build --release --locked -p roomvisor -p limit-server -p loadgen
+  cargo build --release --locked $packages
 else
-  cargo build --locked -p roomvisor -p limit-server -p loadgen
+  cargo build --locked $packages
 fi
 bin="${CARGO_TARGET_DIR:-target}/$PROFILE"
 case " $SERVERS " in
@@ -113,7 +122,7 @@ runs_scenario() {
     durable) case "$scenario" in cold-start|fanout|many-rooms|stored-rooms) return 0 ;; esac; return 1 ;;
   esac
   case "$scenario" in
-    # The limit and the peer have no Presence; presence-wave measures one gateway.
+    # The limit, the hop limit and the peer have no Presence; presence-wave measures one gateway.
     presence-wave) [ "$server" = roomvisor ] ;;
     # Needs a store (see the top of this file).
     stored-rooms) return 1 ;;
@@ -136,6 +145,7 @@ start_server() {
       if [ "$scenario" = stored-rooms ]; then idle="--room-idle-ms $stored_rooms_idle_ms"; fi
       "$bin/gateway" $gateway_flags --data-dir "$server_data" $idle >"$logs/$run.out" 2>"$logs/$run.log" & ;;
     limit)     "$bin/limit-server" --port 0 >"$logs/$run.out" 2>"$logs/$run.log" & ;;
+    hop)       "$bin/limit-server" --port 0 --hop >"$logs/$run.out" 2>"$logs/$run.log" & ;;
     peer)      node benches/peer/server.js --port 0 >"$logs/$run.out" 2>"$logs/$run.log" & ;;
     cluster)
       local port urls="" node

@@ -5,11 +5,18 @@
 //! broadcast under its room's lock. No JS, no worker processes, no rate limit. A load generator
 //! drives it exactly as it drives the gateway, so the ratio gateway/limit is the cost of
 //! processes + JS.
+//!
+//! With `--hop` (the hop limit, `hop` in benches/run.sh) each room also gets one process of
+//! its own, which every message goes through before it is broadcast (see `hop.rs`): still no
+//! JS, so gateway/hop is the cost of JS and hop/limit the cost of the processes.
+
+mod hop;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -46,6 +53,13 @@ struct Args {
     /// 0 picks a free port; the address is printed on stdout.
     #[arg(long, default_value_t = 4000)]
     port: u16,
+    /// One echo process per room: every message goes to its room's process and back before
+    /// it is broadcast, as the gateway's go through its room workers (no JS).
+    #[arg(long)]
+    hop: bool,
+    /// Run as a room's echo process (what --hop starts): frames on fd 0, written back.
+    #[arg(long = "echo-child", hide = true)]
+    echo_child: bool,
 }
 
 /// A connection's queue of encoded frames. Unbounded, so a broadcast never waits on a client.
@@ -58,6 +72,24 @@ struct Room {
     /// Each message's JSON, encoded once when it was sent.
     history: VecDeque<Box<RawValue>>,
     next_id: u64,
+    /// The room's process under --hop, started by its first join.
+    hop: Option<hop::Hop>,
+}
+
+impl Room {
+    /// Broadcasts a message to every subscriber (the sender too) and keeps it in the history.
+    /// Encoded once; every subscriber gets a reference-counted clone. Called under the room's
+    /// lock, so that every subscriber sees the room's messages in id order.
+    fn deliver(&mut self, topic: &str, message: Box<RawValue>) {
+        let push = phoenix::push(None, topic, phoenix::NEW_MESSAGE, &*message);
+        for subscriber in self.subscribers.values() {
+            let _ = subscriber.send(push.clone());
+        }
+        self.history.push_back(message);
+        if self.history.len() > HISTORY_KEPT {
+            self.history.pop_front();
+        }
+    }
 }
 
 /// Rooms by topic, created on first join and kept (the gateway keeps a room's history too).
@@ -66,6 +98,10 @@ struct Room {
 struct Server {
     rooms: Mutex<HashMap<String, Arc<Mutex<Room>>>>,
     next_connection: AtomicU64,
+    /// Under --hop, the executable each room's process runs (this one).
+    hop: Option<PathBuf>,
+    /// Shutting down: no room starts a process any more.
+    closing: AtomicBool,
 }
 
 /// A panic in one connection must not take every room down with it.
@@ -73,9 +109,18 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-#[tokio::main]
-async fn main() -> std::io::Result<()> {
+fn main() -> std::io::Result<()> {
     let args = Args::parse();
+    if args.echo_child {
+        return hop::echo_child();
+    }
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
+}
+
+async fn run(args: Args) -> std::io::Result<()> {
+    // Resolved once: a rebuild during a run must not change what rooms start.
+    let hop = if args.hop { Some(std::env::current_exe()?) } else { None };
+    let server = Arc::new(Server { hop, ..Server::default() });
     let listener = TcpListener::bind((args.bind, args.port)).await?;
     let address = listener.local_addr()?;
     // The load generator reads this line to learn the port when started with --port 0.
@@ -93,13 +138,15 @@ async fn main() -> std::io::Result<()> {
     let app = Router::new()
         .route("/socket/websocket", get(upgrade))
         .route("/healthz", get(healthz))
-        .with_state(Arc::new(Server::default()));
+        .with_state(server.clone());
     // Not axum's graceful shutdown: it would wait for every WebSocket client to hang up.
     // Returning drops the runtime, and with it every connection.
-    tokio::select! {
+    let result = tokio::select! {
         served = axum::serve(listener, app) => served,
         () = terminated() => Ok(()),
-    }
+    };
+    hop::stop_all(&server).await;
+    result
 }
 
 /// SIGINT or SIGTERM: exit 0 at once, so scripts that stop the server see a clean exit.
@@ -201,7 +248,11 @@ impl Connection {
             phoenix::PHX_LEAVE if !self.joined.contains_key(&frame.topic) => frame.reply(&Reply::ok_empty()),
             _ if !self.is_joined(&frame) => frame.reply_error("unmatched topic"),
             phoenix::PHX_LEAVE => return self.leave(&frame),
-            SEND_MESSAGE => self.send_message(&frame),
+            SEND_MESSAGE => match self.send_message(&frame) {
+                Some(reply) => reply,
+                // Under --hop the answer follows the message's return from the room's process.
+                None => return,
+            },
             _ => frame.reply_error("unknown event"),
         };
         self.push(reply);
@@ -226,6 +277,11 @@ impl Connection {
         let room = lock(&self.server.rooms).entry(frame.topic.clone()).or_default().clone();
         {
             let mut state = lock(&room);
+            // Under --hop a room's first join starts its process, as a gateway room's starts
+            // its worker.
+            if let Err(reason) = hop::ensure(&mut state, &room, &frame.topic, &self.server) {
+                return self.push(frame.reply_error(&reason));
+            }
             state.subscribers.insert(self.id, self.outbox.clone());
             // Replying under the room's lock queues the history before any later broadcast:
             // no message is both in the history and pushed, none is missed.
@@ -248,33 +304,35 @@ impl Connection {
         }
     }
 
-    fn send_message(&self, frame: &Frame) -> Utf8Bytes {
+    /// The answer to a `send_message`, or `None` under --hop, where it is queued once the
+    /// message is back from the room's process.
+    fn send_message(&self, frame: &Frame) -> Option<Utf8Bytes> {
         let input = match SendMessage::read(&frame.payload) {
             Ok(input) => input,
-            Err(reason) => return frame.reply_error(&reason),
+            Err(reason) => return Some(frame.reply_error(&reason)),
         };
-        let Some(joined) = self.joined.get(&frame.topic) else { return frame.reply_error("unmatched topic") };
+        let Some(joined) = self.joined.get(&frame.topic) else {
+            return Some(frame.reply_error("unmatched topic"));
+        };
         let mut room = lock(&joined.room);
         room.next_id += 1;
         let message =
             ChatMessage { id: room.next_id, sender: &input.sender, text: &input.text, timestamp: now_ms() };
         let message = match to_raw_value(&message) {
             Ok(message) => message,
-            Err(e) => return frame.reply_error(&e.to_string()),
+            Err(e) => return Some(frame.reply_error(&e.to_string())),
         };
-        // Encoded once; every subscriber (the sender too) gets a reference-counted clone. Sent
-        // under the lock so that every subscriber sees the room's messages in id order.
-        let push = phoenix::push(None, &frame.topic, phoenix::NEW_MESSAGE, &*message);
-        for subscriber in room.subscribers.values() {
-            let _ = subscriber.send(push.clone());
-        }
         let reply = frame.reply_ok(&message);
-        room.history.push_back(message);
-        if room.history.len() > HISTORY_KEPT {
-            room.history.pop_front();
+        if self.server.hop.is_some() {
+            let pending = hop::Pending { outbox: self.outbox.clone(), reply };
+            return match hop::send(&mut room, &joined.room, &frame.topic, &self.server, &message, pending) {
+                Ok(()) => None,
+                Err(reason) => Some(frame.reply_error(&reason)),
+            };
         }
+        room.deliver(&frame.topic, message);
         // The caller queues the reply after the broadcast, as the gateway does.
-        reply
+        Some(reply)
     }
 }
 

@@ -1,6 +1,7 @@
 //! BENCHMARKS.md from the JSON results of `loadgen run`: the machine, every figure for each
-//! server side by side with the ratios roomvisor/limit, roomvisor/peer and durable/roomvisor,
-//! and the budgets the benchmarks issue sets, each marked met or missed.
+//! server side by side with the ratios roomvisor/limit, roomvisor/hop, hop/limit,
+//! roomvisor/peer and durable/roomvisor, and the budgets the benchmarks issue sets, each
+//! marked met or missed.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -10,16 +11,25 @@ use crate::stats::Better;
 use crate::RunResult;
 
 /// Result names and column titles, in column order.
-const SERVERS: [(&str, &str); 5] = [
+const SERVERS: [(&str, &str); 6] = [
     ("roomvisor", "roomvisor"),
     ("durable", "roomvisor --data-dir"),
     ("cluster", "roomvisor ×3 over NATS"),
     ("limit", "limit"),
+    ("hop", "hop limit"),
     ("peer", "peer"),
 ];
-/// The ratios shown, where both sides ran.
-const RATIOS: [(&str, &str); 4] =
-    [("roomvisor", "limit"), ("roomvisor", "peer"), ("cluster", "roomvisor"), ("durable", "roomvisor")];
+/// The ratios shown, where both sides ran: roomvisor/limit is the cost of processes and JS
+/// together, roomvisor/hop that of JS (and the gateway's other work), hop/limit that of the
+/// processes.
+const RATIOS: [(&str, &str); 6] = [
+    ("roomvisor", "limit"),
+    ("roomvisor", "hop"),
+    ("hop", "limit"),
+    ("roomvisor", "peer"),
+    ("cluster", "roomvisor"),
+    ("durable", "roomvisor"),
+];
 const SCENARIOS: [(&str, &str); 7] = [
     ("cold-start", "new rooms joined one after another, then concurrently"),
     ("fanout", "one room, one sender, every other socket a subscriber"),
@@ -29,7 +39,7 @@ const SCENARIOS: [(&str, &str); 7] = [
     (
         "presence-wave",
         "a wave of joins into one room and the Presence frames it costs, diffs batched every 50 ms \
-         (roomvisor only: the limit and the peer have no Presence)",
+         (roomvisor only: the limit, the hop limit and the peer have no Presence)",
     ),
     (
         "stored-rooms",
@@ -115,6 +125,11 @@ impl Table {
             "- **roomvisor**: the release `gateway`, every room a QuickJS runtime in its own worker process.\n\
              - **limit**: `benches/limit`, the same Phoenix v2 frames from one axum process with an in-process \
              broadcast: no JS, no worker processes. roomvisor/limit is the cost of processes and JS.\n\
+             - **hop limit** (`hop` in run.sh): the limit with `--hop`, one echo process per room, started \
+             by the room's first join. Each message goes to its room's process over a socket pair, as \
+             length-prefixed frames like the gateway's, and is broadcast and answered once it comes back: \
+             processes but no JS. hop/limit is the cost of the processes, roomvisor/hop that of JS and the \
+             rest of the gateway's work.\n\
              - **peer**: `benches/peer`, a Socket.IO 4 chat server on Node (rooms, history in memory, \
              broadcast to the room), what a user would pick instead.\n\
              - **roomvisor --data-dir** (`durable` in run.sh; cold-start, fanout, many-rooms and \
@@ -362,6 +377,34 @@ mod tests {
         assert!(md.contains("| figure | roomvisor | roomvisor --data-dir | durable/roomvisor |\n"), "{md}");
         assert!(md.contains(&format!("| {rate} ↑ | 40,000 /s | 30,000 /s | 0.75 |\n")), "{md}");
         assert!(md.contains("synchronous=FULL"), "{md}");
+    }
+
+    #[test]
+    fn the_hop_limit_stands_beside_the_limit_with_its_ratios() {
+        let mut table =
+            Table { figures: BTreeMap::new(), order: BTreeMap::new(), shapes: BTreeMap::new(), rounds: 0 };
+        let rate = "deliveries/s, as fast as delivered";
+        table.add(result("roomvisor", "many-rooms", &[(rate, 20_000.0, "/s")]));
+        table.add(result("limit", "many-rooms", &[(rate, 80_000.0, "/s")]));
+        table.add(result("hop", "many-rooms", &[(rate, 40_000.0, "/s")]));
+        let md = table.render("test");
+        assert!(
+            md.contains(
+                "| figure | roomvisor | limit | hop limit | roomvisor/limit | roomvisor/hop | hop/limit |\n"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains(&format!("| {rate} ↑ | 20,000 /s | 80,000 /s | 40,000 /s | 0.25 | 0.50 | 0.50 |\n")),
+            "{md}"
+        );
+        // Without roomvisor, only the hop limit's own ratio.
+        let mut table =
+            Table { figures: BTreeMap::new(), order: BTreeMap::new(), shapes: BTreeMap::new(), rounds: 0 };
+        table.add(result("limit", "fanout", &[(rate, 80_000.0, "/s")]));
+        table.add(result("hop", "fanout", &[(rate, 60_000.0, "/s")]));
+        let md = table.render("test");
+        assert!(md.contains(&format!("| {rate} ↑ | 80,000 /s | 60,000 /s | 0.75 |\n")), "{md}");
     }
 
     #[test]
