@@ -9,6 +9,11 @@
 # through and back before it is broadcast (no JS). roomvisor/hop is then the cost of JS, and
 # hop/limit the cost of the processes themselves.
 #
+# "cold" is the gateway with --warm-workers 0: every room execs its own worker, as before the
+# warm pool (cold-start and rooms-memory only). "deno" is the gateway built with the cargo
+# feature deno (scripts/deno-setup.sh, into $CARGO_TARGET_DIR/deno or target/deno) run with
+# --engine deno: cold-start, many-rooms and rooms-memory, the figures where engines differ.
+#
 # "durable" is the same gateway with --data-dir (a fresh directory per run): every chat
 # message is stored in SQLite before it is broadcast or acknowledged. It runs the scenarios
 # where rooms carry messages or start (cold-start, fanout, many-rooms) and stored-rooms
@@ -40,7 +45,7 @@ cd "$(dirname "$0")/.."
 
 ROUNDS=${ROUNDS:-1}
 SCENARIOS=${SCENARIOS:-"cold-start fanout many-rooms idle rooms-memory presence-wave stored-rooms"}
-SERVERS=${SERVERS:-"roomvisor durable cluster limit hop peer"}
+SERVERS=${SERVERS:-"roomvisor cold deno durable cluster limit hop peer"}
 SECONDS_PER_PHASE=${SECONDS_PER_PHASE:-10}
 REPORT=${REPORT:-BENCHMARKS.md}
 # release for figures worth reporting; CI's smoke run uses debug, which cargo test has built.
@@ -56,7 +61,7 @@ ulimit -n "$(ulimit -Hn)"
 # The gateway's binaries only when a server runs them.
 packages="-p limit-server -p loadgen"
 case " $SERVERS " in
-  *" roomvisor "*|*" durable "*|*" cluster "*) packages="-p roomvisor $packages" ;;
+  *" roomvisor "*|*" cold "*|*" durable "*|*" cluster "*) packages="-p roomvisor $packages" ;;
 esac
 echo "== building ($PROFILE)"
 if [ "$PROFILE" = release ]; then
@@ -65,6 +70,17 @@ else
   cargo build --locked $packages
 fi
 bin="${CARGO_TARGET_DIR:-target}/$PROFILE"
+# The deno engine is another build of the gateway (cargo feature `deno`), in a target dir of
+# its own so that it does not replace the default build's binaries.
+deno_target="${CARGO_TARGET_DIR:-target}/deno"
+case " $SERVERS " in
+  *" deno "*)
+    echo "== building the deno engine ($PROFILE; scripts/deno-setup.sh)"
+    profile_flag=""
+    [ "$PROFILE" = release ] && profile_flag="--release"
+    CARGO_TARGET_DIR="$deno_target" scripts/deno-setup.sh \
+      cargo build $profile_flag --locked --features deno -p roomvisor ;;
+esac
 case " $SERVERS " in
   *" peer "*)
     echo "== installing the peer's npm packages"
@@ -118,6 +134,11 @@ runs_scenario() {
   case "$server" in
     # Three gateways over NATS: the traffic scenarios only.
     cluster) case "$scenario" in fanout|many-rooms) return 0 ;; esac; return 1 ;;
+    # The gateway without its warm pool: how rooms start and what they cost when each execs
+    # its own worker (the figures before the pool).
+    cold) case "$scenario" in cold-start|rooms-memory) return 0 ;; esac; return 1 ;;
+    # The other engine, where the engines differ: starting rooms, their memory, their calls.
+    deno) case "$scenario" in cold-start|many-rooms|rooms-memory) return 0 ;; esac; return 1 ;;
     # Where a room stores messages or starts; and stored-rooms, which is about the store.
     durable) case "$scenario" in cold-start|fanout|many-rooms|stored-rooms) return 0 ;; esac; return 1 ;;
   esac
@@ -139,6 +160,8 @@ start_server() {
   server_data=""
   case "$name" in
     roomvisor) "$bin/gateway" $gateway_flags >"$logs/$run.out" 2>"$logs/$run.log" & ;;
+    cold)      "$bin/gateway" $gateway_flags --warm-workers 0 >"$logs/$run.out" 2>"$logs/$run.log" & ;;
+    deno)      "$deno_target/$PROFILE/gateway" $gateway_flags --engine deno >"$logs/$run.out" 2>"$logs/$run.log" & ;;
     durable)
       server_data="$logs/$run-data"
       local idle=""
