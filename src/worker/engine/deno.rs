@@ -1,10 +1,12 @@
 //! The deno_core backend (`--engine deno`): the same prelude and the same natives as the
 //! QuickJS backend, here as deno_core ops, on whichever backend deno_core was built with (its
 //! QuickJS-based v8x with the cargo feature `deno`, real V8 with `v8`). Only V8's own API is
-//! used for limits, so the code is the same on both:
+//! used for limits, so the code is the same on both (but for what the heap-limit callback
+//! lends):
 //!
 //! - heap: the isolate's heap limit, and a near-heap-limit callback that terminates the
-//!   running script and lends it room to unwind, so a hog fails its call and the room lives;
+//!   running script (and, on V8, lends it room to unwind: `unwind_allowance`), so a hog fails
+//!   its call and the room lives;
 //! - CPU: a watchdog thread reads this thread's CPU clock and calls `terminate_execution`
 //!   when one macrotask has used its budget (V8 has no interrupt hook that polls, as QuickJS
 //!   does; `terminate_execution` is the thread-safe way in).
@@ -515,22 +517,44 @@ impl Engine {
     }
 }
 
-/// Puts the heap limit back to the room's own after an out-of-memory raised it.
+/// Puts the heap limit back to the room's own after an out-of-memory raised it (on V8).
 fn reset_heap_limit(runtime: &mut JsRuntime, heap_bytes: usize, out_of_memory: &Rc<Cell<bool>>) {
     runtime.remove_near_heap_limit_callback(heap_bytes);
     stop_at_heap_limit(runtime, out_of_memory);
 }
 
-/// V8 would abort the process at the heap limit: stop the script instead, flag it, and lend it
-/// half as much again to unwind in. The limit goes back after the macrotask (`reset_heap_limit`).
+/// At the heap limit: stop the script, flag it, and lend it what `unwind_allowance` says to
+/// unwind in. The limit goes back after the macrotask (`reset_heap_limit`).
 fn stop_at_heap_limit(runtime: &mut JsRuntime, out_of_memory: &Rc<Cell<bool>>) {
     let flag = out_of_memory.clone();
     let isolate = runtime.v8_isolate().thread_safe_handle();
     runtime.add_near_heap_limit_callback(move |current, _initial| {
         flag.set(true);
         isolate.terminate_execution();
-        current + current / 2
+        current + unwind_allowance(current)
     });
+}
+
+/// Real V8 aborts the process when the callback leaves the limit where it is, and acts on
+/// `terminate_execution` at the next stack check (every loop back-edge and call): lend half
+/// as much again, which the script stops long before it can use.
+#[cfg(feature = "v8")]
+fn unwind_allowance(current: usize) -> usize {
+    current / 2
+}
+
+/// deno_core's QuickJS backend (v8x) lends nothing. There the callback runs from QuickJS's
+/// allocator when an allocation would pass the limit (plus v8x's own headroom of an eighth),
+/// and `terminate_execution` only sets a flag that QuickJS's interrupt handler reads once
+/// every 10,000 interpreter ticks (back-edges and calls). A script allocating a megabyte a
+/// tick therefore ran on for thousands of megabytes: every loan was used up, the callback ran
+/// again and lent more (32 MiB grew to over a gigabyte in ten rounds), until the CPU watchdog
+/// answered "timeout". Lending nothing makes the allocation fail, as at QuickJS's own memory
+/// limit: it throws QuickJS's "out of memory" error, which unwinds the script at once and
+/// frees what it held, while the termination keeps it from catching the error and going on.
+#[cfg(not(feature = "v8"))]
+fn unwind_allowance(_current: usize) -> usize {
+    0
 }
 
 /// Evaluates the natives' bootstrap, the prelude and the room script; returns the hooks.

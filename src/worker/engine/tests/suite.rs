@@ -143,8 +143,7 @@ fn a_busy_loop_is_cut_off_and_the_runtime_still_answers() {
 fn a_heap_hog_fails_its_call_and_the_runtime_still_answers() {
     let script = "function hog() { const held = []; for (;;) held.push(new Array(1 << 16).fill(held.length)); }
                   function ping() { return 'pong'; }";
-    // A generous CPU budget: deno_core's QuickJS backend, unoptimised, takes about five
-    // seconds of CPU to fill 32 MiB this way (QuickJS through rquickjs a fraction of that).
+    // A generous CPU budget, so that only the heap limit stops it.
     let (engine, host) = start(script, 20_000).unwrap();
     engine.call(1, "hog", "[]");
     assert_eq!(last_reply(&host).1.unwrap_err().kind, ScriptErrorKind::OutOfMemory);
@@ -152,6 +151,24 @@ fn a_heap_hog_fails_its_call_and_the_runtime_still_answers() {
     assert_eq!(last_reply(&host), (2, Ok("\"pong\"".to_owned())));
     engine.call(3, "hog", "[]");
     assert_eq!(last_reply(&host).1.unwrap_err().kind, ScriptErrorKind::OutOfMemory, "the limit is back");
+}
+
+#[test]
+fn a_heap_hog_is_stopped_near_its_limit() {
+    // Megabyte strings, each kept: how many were held says how far past its 32 MiB the heap
+    // grew. The budget only bounds the test: the hog should stop in a few dozen milliseconds.
+    let script = "let most = 0;
+                  function hog() {
+                    const held = [];
+                    for (;;) { held.push('x'.repeat(1 << 10).repeat(1 << 10) + held.length); most = held.length; }
+                  }
+                  function held() { return most; }";
+    let (engine, host) = start(script, 2_000).unwrap();
+    engine.call(1, "hog", "[]");
+    assert_eq!(last_reply(&host).1.unwrap_err().kind, ScriptErrorKind::OutOfMemory);
+    engine.call(2, "held", "[]");
+    let held: u64 = last_reply(&host).1.unwrap().parse().unwrap();
+    assert!((24..=40).contains(&held), "{held} MiB held at a 32 MiB limit");
 }
 
 #[test]
