@@ -16,9 +16,7 @@ impl EngineKind {
     /// The engine this build has: one per build (see `worker::engine`).
     pub const BUILT: EngineKind =
         if cfg!(any(feature = "deno", feature = "v8")) { EngineKind::Deno } else { EngineKind::Quickjs };
-}
 
-impl EngineKind {
     /// Whether a prepared runtime of this engine can be forked (the warm pool's template):
     /// QuickJS runs on the worker's one thread; deno_core keeps a watchdog thread, which a
     /// fork would lose.

@@ -40,11 +40,11 @@ fn run() -> io::Result<()> {
         }
         Some(ToWorker::Template { limits }) => {
             name_process(c"room-template");
-            let prepared = Engine::prepare(&limits, io.clone())
-                .map_err(|e| io::Error::other(format!("cannot prepare the engine: {}", e.message)))?;
-            if !Engine::FORKABLE {
+            if !limits.engine.forks() {
                 return Err(protocol_error("this engine cannot be forked from a template".to_owned()));
             }
+            let prepared = Engine::prepare(&limits, io.clone())
+                .map_err(|e| io::Error::other(format!("cannot prepare the engine: {}", e.message)))?;
             match template::serve()? {
                 // The gateway closed the template's socket: the pool is gone.
                 None => return Ok(()),

@@ -9,7 +9,7 @@
 //!
 //! Children are forked with `CLONE_PARENT`: their parent is the gateway, not the template,
 //! so the gateway reaps them, `kill <pid>` behaves as for any worker, and a template that
-//! dies takes no room with it. The template is single-threaded (`Engine::FORKABLE`), so no
+//! dies takes no room with it. The template is single-threaded (`EngineKind::forks`), so no
 //! thread or lock of it is lost half-way in a child.
 
 use std::io::{self, IoSliceMut};

@@ -124,10 +124,6 @@ impl Prepared {
 }
 
 impl Engine {
-    /// Whether a prepared engine may be copied into a child by `fork` (the pool's template):
-    /// only a single-threaded one, since a fork keeps the calling thread alone.
-    pub const FORKABLE: bool = cfg!(not(any(feature = "deno", feature = "v8")));
-
     /// Creates the runtime, installs the API and evaluates the room script.
     #[cfg(test)]
     pub fn start(
