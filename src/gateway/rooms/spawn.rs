@@ -57,7 +57,14 @@ pub(super) fn exec_worker(command: &WorkerCommand, first: ToWorker) -> std::io::
     // The worker's end closed with the command above, so that the gateway reads end of file
     // once the worker is gone; the room's actor reaps it by pid (see `reap.rs`).
     let mut worker = NewWorker { process: WorkerProcess::new(child.id()), socket: gateway_end };
-    write_frame(&mut worker.socket, first)?;
+    match write_frame(&mut worker.socket, first) {
+        // The worker is already gone (it exited at start-up): that is an exit for its room to
+        // report and for the crash-loop guard to count, as for any worker that dies, not a
+        // failure to start one.
+        Err(e)
+            if matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset) => {}
+        written => written?,
+    }
     Ok(worker)
 }
 
